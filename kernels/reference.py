@@ -1,0 +1,76 @@
+"""Pure-PyTorch references for every kernel in `kernels/`.
+
+They define the contracts the Triton kernels implement, run on CPU when no kernel can, and are the
+oracle that tests and benchmarks share. They compute in fp32 (or in the input dtype when it is
+fp64, which is how the tests build their fp64 "truth").
+
+Row-loss contract of the single-pass distillation kernel (`kd_ce_rows`), per row n with student
+logits s, teacher logits t, temperature T, p_s = softmax(s/T), p_t = softmax(t/T), q = softmax(s):
+
+    kd_row[n] = T² · Σ_v p_t,v (log p_t,v − log p_s,v)            (0 where kd_mask[n] is False)
+    ce_row[n] = (1−ε)(lse(s) − s_y) + ε (lse(s) − mean_v s_v)       (0 where y == ignore_index)
+    grad[n]   = kd_scale · T (p_s − p_t) + ce_scale · (q − (1−ε) onehot(y) − ε/V)
+
+kd_scale and ce_scale are the weights the caller gives each row's term in its final loss (for a
+mean: weight / count); they may be 0-dim device tensors so that no count ever visits the host.
+Teacher entries of −inf have p_t = 0 and contribute nothing (0·log 0 = 0).
+"""
+
+import torch
+
+
+def _scale(x, ref: torch.Tensor) -> torch.Tensor:
+    return torch.as_tensor(x, dtype=ref.dtype, device=ref.device)
+
+
+def kd_ce_rows_reference(
+    student: torch.Tensor,  # (N, V) any float dtype
+    teacher: torch.Tensor | None,  # (N, V) any float dtype, or None for CE only
+    labels: torch.Tensor | None,  # (N,) int, ignore_index for rows without a label; None: no CE
+    kd_mask: torch.Tensor | None = None,  # (N,) bool, rows that take the KD term; None: all rows
+    temperature: float = 1.0,
+    kd_scale: float | torch.Tensor = 0.0,
+    ce_scale: float | torch.Tensor = 0.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    compute_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row KD and CE losses and the combined student-logit gradient (see the module docstring).
+
+    Returns:
+        kd_row (N,) and ce_row (N,) in fp32 (fp64 for fp64 inputs), and the gradient (N, V) in the
+        student's dtype (None unless `compute_grad`).
+    """
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s = student.to(acc)
+    n, v = s.shape
+    kd_row = s.new_zeros(n)
+    ce_row = s.new_zeros(n)
+    grad = torch.zeros_like(s) if compute_grad else None
+    if teacher is not None:
+        t = teacher.to(acc)
+        log_ps = torch.log_softmax(s / temperature, dim=-1)
+        log_pt = torch.log_softmax(t / temperature, dim=-1)
+        pt = log_pt.exp()
+        kl = torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt)).sum(-1)
+        rows = torch.ones(n, dtype=torch.bool, device=s.device) if kd_mask is None else kd_mask.bool()
+        kd_row = torch.where(rows, kl * temperature**2, kd_row)
+        if compute_grad:
+            g = (log_ps.exp() - pt) * temperature * _scale(kd_scale, s)
+            grad += torch.where(rows[:, None], g, torch.zeros_like(g))
+    if labels is not None:
+        valid = labels != ignore_index
+        y = torch.where(valid, labels, torch.zeros_like(labels)).long()
+        lse = torch.logsumexp(s, dim=-1)
+        nll = lse - s.gather(1, y[:, None]).squeeze(1)
+        if label_smoothing > 0:
+            nll = (1 - label_smoothing) * nll + label_smoothing * (lse - s.mean(-1))
+        ce_row = torch.where(valid, nll, ce_row)
+        if compute_grad:
+            g = torch.softmax(s, dim=-1) - label_smoothing / v
+            g.scatter_add_(1, y[:, None], torch.full_like(s[:, :1], -(1 - label_smoothing)))
+            g = g * _scale(ce_scale, s)
+            grad += torch.where(valid[:, None], g, torch.zeros_like(g))
+    if grad is not None:
+        grad = grad.to(student.dtype)
+    return kd_row, ce_row, grad
