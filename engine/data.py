@@ -1,0 +1,635 @@
+"""Pretraining data: local texts → token-id sequences → length-grouped, padded, resumable batches.
+
+The DistilBERT recipe's data handling (see /work/shared/ANCHORS.md): each document is tokenized
+without special tokens, split on token boundaries into chunks of at most `max_seq_len - 2` tokens,
+each chunk wrapped as [CLS] … [SEP]; sequences shorter than `min_seq_len` (the original drops
+≤ 11 tokens) are dropped; batches group sequences of similar length so that little compute goes to
+padding. Masking happens later, on the device (`engine.masking`).
+
+Sequences are stored flat (`Sequences`: one int32 token array plus int64 offsets), which costs
+4 bytes a token instead of a Python object per token, and makes the on-disk cache one `torch.save`.
+
+`datasets` and `transformers` are imported inside the functions that need them: the GPU machine
+has no `datasets`, and reading .txt corpora or batching never needs either.
+
+Typical use (the training loop keeps `loader.state_dict()` in its checkpoint):
+
+    texts = load_texts("corpus/")                                   # list[str]
+    tok = load_tokenizer(teacher_dir)
+    seqs = tokenize_corpus(texts, tok, max_seq_len=128, cache_dir="cache/")
+    train, heldout = split_heldout(seqs, fraction=0.05, seed=0)
+    loader = LengthGroupedBatches(train, batch_size=32, pad_id=tok.pad_token_id, seed=0)
+    for step in range(start_step, total_steps):
+        batch = loader.next_batch().to(device, non_blocking=True)  # crosses epochs as needed
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+log = logging.getLogger(__name__)
+
+PathLike = str | os.PathLike
+_ACCEPTED = (
+    "accepted: a .txt file (one document), a directory of .txt files, a .json/.jsonl/.csv file with a text "
+    "column, or a folder written by datasets' save_to_disk"
+)
+_CACHE_FORMAT = 1  # bump when the cached layout or the splitting rule changes
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading texts
+# ---------------------------------------------------------------------------------------------
+
+
+def _read_txt(path: Path) -> str:
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError:
+        # Some public corpora (BBC News among them) hold a stray Latin-1 byte such as 0xA3 (£);
+        # Latin-1 decodes every byte, so the document is kept rather than the whole corpus failing.
+        log.warning("%s is not valid UTF-8; decoded as Latin-1", path)
+        return data.decode("latin-1")
+
+
+def _is_blank_file(path: Path) -> bool:
+    size = path.stat().st_size
+    if size == 0:
+        return True
+    if size > 1 << 20:  # a megabyte of whitespace is not a case worth reading the file for
+        return False
+    return not path.read_bytes().strip()
+
+
+def _is_saved_dataset(path: Path) -> bool:
+    return any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
+
+
+def _column_texts(ds, text_column: str, source: Path) -> list[str]:
+    """The non-blank strings of `ds[text_column]`; errors name `source` and the columns it has."""
+    if text_column not in ds.column_names:
+        raise ValueError(
+            f"{source}: no column {text_column!r}; it has columns {ds.column_names}. "
+            "Pass text_column=<one of them> (--text-column on the command line)."
+        )
+    values = ds[text_column]
+    texts = [v for v in values if isinstance(v, str) and v.strip()]
+    if len(texts) < len(values):
+        log.info("%s: skipped %d blank or non-string rows", source, len(values) - len(texts))
+    return texts
+
+
+def _load_with_datasets(path: Path, text_column: str) -> list[str]:
+    try:
+        import datasets
+    except ImportError as e:  # the GPU machine has no `datasets`: .txt corpora or a token cache work there
+        raise ImportError(
+            f"reading {path} needs the `datasets` package (pip install datasets), or give .txt files instead"
+        ) from e
+
+    if path.is_dir():
+        ds = datasets.load_from_disk(str(path))
+        if isinstance(ds, datasets.DatasetDict):
+            if "train" in ds:
+                ds = ds["train"]
+            elif len(ds) == 1:
+                ds = next(iter(ds.values()))
+            else:
+                raise ValueError(f"{path}: a DatasetDict with splits {list(ds)} and no 'train'; save one split")
+    else:
+        builder = "csv" if path.suffix.lower() == ".csv" else "json"
+        try:
+            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
+        except Exception as e:  # datasets' own errors for malformed files rarely name the file
+            raise ValueError(f"could not read {path} as {builder}: {type(e).__name__}: {e}") from e
+    return _column_texts(ds, text_column, path)
+
+
+def load_texts(paths: PathLike | Sequence[PathLike], text_column: str = "text") -> list[str]:
+    """Read documents from local files, in the order given (directories: sorted by path).
+
+    Args:
+        paths: one path or a list of them. A `.txt` file is one document (the whole file); a
+            directory is either a `datasets.save_to_disk` folder or a tree whose `*.txt` files are
+            each one document (blank ones skipped); `.json`/`.jsonl`/`.csv` files are read with
+            `datasets`, one document per row, from `text_column`.
+        text_column: the column holding the text in .json/.jsonl/.csv files and saved datasets.
+
+    Returns:
+        list[str], every entry non-blank.
+
+    Raises:
+        FileNotFoundError: a path does not exist.
+        ValueError: an empty file or corpus, an unknown extension, a missing column; the message
+            names the file and what to do.
+    """
+    if isinstance(paths, str | os.PathLike):
+        paths = [paths]
+    texts: list[str] = []
+    for raw in paths:
+        path = Path(raw)
+        if not path.exists():
+            raise FileNotFoundError(f"data file not found: {path} ({_ACCEPTED})")
+        if path.is_dir():
+            if _is_saved_dataset(path):
+                found = _load_with_datasets(path, text_column)
+            else:
+                files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+                if not files:
+                    raise ValueError(
+                        f"no .txt files under directory {path}; pass .json/.jsonl/.csv files themselves ({_ACCEPTED})"
+                    )
+                found = [t for t in (_read_txt(p) for p in files) if t.strip()]
+                if len(found) < len(files):
+                    log.info("%s: skipped %d blank .txt files", path, len(files) - len(found))
+        else:
+            suffix = path.suffix.lower()
+            if suffix not in (".txt", ".json", ".jsonl", ".csv"):
+                raise ValueError(f"unknown data file extension {suffix!r} for {path} ({_ACCEPTED})")
+            if _is_blank_file(path):
+                raise ValueError(f"data file is empty: {path}; remove it from the list or give it text")
+            found = [_read_txt(path)] if suffix == ".txt" else _load_with_datasets(path, text_column)
+        if not found:
+            raise ValueError(f"no text found in {path} (all documents blank)")
+        texts.extend(found)
+    if not texts:
+        raise ValueError("no data files given: the corpus is empty")
+    return texts
+
+
+def load_tokenizer(path: PathLike):
+    """The teacher's own fast tokenizer, from local files only (never the network).
+
+    Args:
+        path: a directory with `tokenizer.json` or `vocab.txt` (and usually `tokenizer_config.json`),
+            e.g. the teacher checkpoint's directory.
+
+    Returns:
+        a `transformers` fast tokenizer with [CLS], [SEP], [PAD] and [MASK] defined.
+    """
+    path = Path(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer directory not found: {path}")
+    if not any((path / name).is_file() for name in ("tokenizer.json", "vocab.txt")):
+        raise FileNotFoundError(
+            f"no tokenizer files in {path}: expected tokenizer.json or vocab.txt (with tokenizer_config.json); "
+            "copy the teacher's tokenizer files into that directory"
+        )
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(path), local_files_only=True, use_fast=True)
+    if not tok.is_fast:
+        raise ValueError(f"{path}: got a slow tokenizer ({type(tok).__name__}); tokenizer.json is needed")
+    missing = [n for n in ("cls_token_id", "sep_token_id", "pad_token_id", "mask_token_id") if getattr(tok, n) is None]
+    if missing:
+        raise ValueError(f"{path}: the tokenizer defines no {', '.join(missing)}; a BERT-style tokenizer is needed")
+    return tok
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-id sequences
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Sequences:
+    """Token-id sequences stored flat: sequence i is `ids[offsets[i]:offsets[i + 1]]`.
+
+    Attributes:
+        ids: (T,) int32, all sequences back to back (each begins with [CLS] and ends with [SEP]).
+        offsets: (N + 1,) int64, offsets[0] == 0 and offsets[N] == T.
+        dropped: how many sequences were dropped as too short when these were built.
+    """
+
+    ids: torch.Tensor
+    offsets: torch.Tensor
+    dropped: int = 0
+
+    @classmethod
+    def from_lists(cls, seqs: Sequence[Sequence[int]], dropped: int = 0) -> Sequences:
+        lengths = torch.tensor([len(s) for s in seqs], dtype=torch.int64)
+        offsets = torch.zeros(len(seqs) + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        ids = torch.tensor([t for s in seqs for t in s], dtype=torch.int32)
+        return cls(ids, offsets, dropped)
+
+    def __len__(self) -> int:
+        return self.offsets.numel() - 1
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        """Sequence i: (len_i,) int32 (a view)."""
+        if i < 0:
+            i += len(self)
+        return self.ids[self.offsets[i] : self.offsets[i + 1]]
+
+    @property
+    def lengths(self) -> torch.Tensor:
+        """(N,) int64."""
+        return self.offsets[1:] - self.offsets[:-1]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.ids.numel()
+
+    def tolist(self) -> list[list[int]]:
+        return [s.tolist() for s in torch.split(self.ids, self.lengths.tolist())]
+
+    def subset(self, indices: torch.Tensor) -> Sequences:
+        """The sequences at `indices` ((M,) int64), in that order, as a new flat store."""
+        indices = torch.as_tensor(indices, dtype=torch.int64)
+        lengths = self.lengths[indices]
+        offsets = torch.zeros(indices.numel() + 1, dtype=torch.int64)
+        torch.cumsum(lengths, 0, out=offsets[1:])
+        # token j of the result sits at old_start[seq(j)] + (j - new_start[seq(j)])
+        shift = torch.repeat_interleave(self.offsets[:-1][indices] - offsets[:-1], lengths)
+        ids = self.ids[shift + torch.arange(int(offsets[-1]), dtype=torch.int64)]
+        return Sequences(ids, offsets, self.dropped)
+
+
+def as_sequences(seqs: Sequences | Sequence[Sequence[int]]) -> Sequences:
+    """`seqs` as a `Sequences` (lists of token ids are packed)."""
+    return seqs if isinstance(seqs, Sequences) else Sequences.from_lists(seqs)
+
+
+def _tokenizer_fingerprint(tokenizer) -> str:
+    """A hash of everything that decides the token ids: vocab, normalizer, pre-tokenizer, model."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is not None:
+        spec = json.loads(backend.to_str())
+        # transformers rewrites these per call (truncation/padding arguments); they change no id here
+        spec.pop("truncation", None)
+        spec.pop("padding", None)
+        text = json.dumps(spec, sort_keys=True)
+    else:
+        text = type(tokenizer).__name__ + json.dumps(sorted(tokenizer.get_vocab().items()))
+    text += f"|cls={tokenizer.cls_token_id}|sep={tokenizer.sep_token_id}"
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def _texts_hash(texts: Sequence[str]) -> str:
+    h = hashlib.sha256()
+    for t in texts:
+        b = t.encode("utf-8", "surrogatepass")
+        h.update(len(b).to_bytes(8, "little"))  # length-prefixed, so ["ab", "c"] and ["a", "bc"] differ
+        h.update(b)
+    return h.hexdigest()
+
+
+def corpus_cache_key(texts: Sequence[str], tokenizer, max_seq_len: int, min_seq_len: int) -> str:
+    """The cache key of `tokenize_corpus`: sha256 of (texts, tokenizer, max_seq_len, min_seq_len, format)."""
+    parts = [_texts_hash(texts), _tokenizer_fingerprint(tokenizer), str(max_seq_len), str(min_seq_len)]
+    parts.append(str(_CACHE_FORMAT))
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()
+
+
+def _save_atomic(obj: dict, path: Path) -> None:
+    # Write beside the target, then rename: a crash or a concurrent reader never sees half a file.
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def tokenize_corpus(
+    texts: Sequence[str],
+    tokenizer,
+    max_seq_len: int = 128,
+    min_seq_len: int = 12,
+    cache_dir: PathLike | None = None,
+    batch_size: int = 1000,
+) -> Sequences:
+    """Tokenize documents into [CLS] … [SEP] sequences of `min_seq_len`…`max_seq_len` tokens.
+
+    Each document is tokenized without special tokens (in batches of `batch_size` documents) and
+    cut on token boundaries into chunks of `max_seq_len - 2` tokens (the last one shorter); each
+    chunk becomes [CLS] + chunk + [SEP]. Chunks shorter than `min_seq_len` tokens with their
+    specials are dropped (a document's short tail, or a short document), as the original drops
+    sequences of ≤ 11 tokens. Nothing else is lost: the inner tokens of a document's sequences, in
+    order, are its tokens up to the dropped tail.
+
+    Args:
+        texts: N documents.
+        tokenizer: a `transformers` tokenizer with cls_token_id and sep_token_id.
+        max_seq_len: the longest sequence, specials included (≥ 3; ≤ the model's positions).
+        min_seq_len: the shortest kept sequence, specials included.
+        cache_dir: if given, the result is cached there in `tokens-<key>.pt`, keyed by the texts,
+            the tokenizer, max_seq_len and min_seq_len; a hit skips tokenization entirely.
+        batch_size: documents per tokenizer call.
+
+    Returns:
+        `Sequences` (int32 ids, int64 offsets), in document order; `.dropped` counts the dropped
+        sequences.
+    """
+    if max_seq_len < 3:
+        raise ValueError(f"max_seq_len={max_seq_len}: need room for [CLS], one token and [SEP]")
+    if min_seq_len > max_seq_len:
+        raise ValueError(f"min_seq_len={min_seq_len} > max_seq_len={max_seq_len}: every sequence would be dropped")
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls_id is None or sep_id is None:
+        raise ValueError("the tokenizer defines no [CLS] or [SEP] token")
+
+    cache_path = None
+    if cache_dir is not None:
+        key = corpus_cache_key(texts, tokenizer, max_seq_len, min_seq_len)
+        cache_path = Path(cache_dir) / f"tokens-{key[:24]}.pt"
+        if cache_path.is_file():
+            try:
+                obj = torch.load(cache_path, weights_only=True)
+                if obj.get("key") == key:
+                    log.info("token cache hit: %s", cache_path)
+                    return Sequences(obj["ids"], obj["offsets"], int(obj["dropped"]))
+                log.warning("token cache %s holds another key; rebuilding", cache_path)
+            except Exception as e:  # a truncated or foreign file is rebuilt, never trusted
+                log.warning("unreadable token cache %s (%s); rebuilding", cache_path, e)
+
+    inner = max_seq_len - 2
+    parts: list[torch.Tensor] = []
+    lengths: list[int] = []
+    dropped = 0
+    for b in range(0, len(texts), batch_size):
+        enc = tokenizer(
+            list(texts[b : b + batch_size]),
+            add_special_tokens=False,
+            return_attention_mask=False,
+            return_token_type_ids=False,
+            verbose=False,  # documents longer than the model's positions are expected: we split them
+        )["input_ids"]
+        flat: list[int] = []
+        for toks in enc:
+            if not toks:
+                dropped += 1  # the original would have made [CLS] [SEP] of it, then dropped it
+                continue
+            for s in range(0, len(toks), inner):
+                chunk = toks[s : s + inner]
+                if len(chunk) + 2 < min_seq_len:
+                    dropped += 1
+                    continue
+                flat.append(cls_id)
+                flat.extend(chunk)
+                flat.append(sep_id)
+                lengths.append(len(chunk) + 2)
+        parts.append(torch.tensor(flat, dtype=torch.int32))  # per batch: host memory stays 4 bytes/token
+    ids = torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int32)
+    offsets = torch.zeros(len(lengths) + 1, dtype=torch.int64)
+    torch.cumsum(torch.tensor(lengths, dtype=torch.int64), 0, out=offsets[1:])
+    seqs = Sequences(ids, offsets, dropped)
+    log.info(
+        "tokenized %d documents into %d sequences (%d tokens); dropped %d shorter than %d tokens",
+        len(texts),
+        len(seqs),
+        seqs.num_tokens,
+        dropped,
+        min_seq_len,
+    )
+    if cache_path is not None:
+        cache_path.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomic({"key": key, "ids": ids, "offsets": offsets, "dropped": dropped}, cache_path)
+    return seqs
+
+
+def split_heldout(
+    sequences: Sequences | Sequence[Sequence[int]], fraction: float = 0.05, seed: int = 0
+) -> tuple[Sequences, Sequences]:
+    """Split off a held-out set, deterministically: the same input and seed give the same split.
+
+    Uses its own `torch.Generator`, so the global RNG neither affects nor is affected by it. At
+    least one sequence is held out when fraction > 0 and there are two or more sequences.
+
+    Returns:
+        (train, heldout), each keeping the input order.
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"held-out fraction {fraction} must be in [0, 1)")
+    seqs = as_sequences(sequences)
+    n = len(seqs)
+    n_held = round(fraction * n)
+    if fraction > 0 and n >= 2:
+        n_held = min(max(n_held, 1), n - 1)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
+    held = perm[:n_held].sort().values
+    train = perm[n_held:].sort().values
+    return seqs.subset(train), seqs.subset(held)
+
+
+def token_counts(sequences: Sequences | Sequence[Sequence[int]], vocab_size: int) -> torch.Tensor:
+    """How often each token id occurs (specials included), for `masking.smoothing_weights`.
+
+    Returns:
+        (vocab_size,) int64.
+    """
+    seqs = as_sequences(sequences)
+    ids = seqs.ids.long()
+    if ids.numel() and int(ids.max()) >= vocab_size:
+        raise ValueError(f"token id {int(ids.max())} ≥ vocab_size={vocab_size}: wrong tokenizer or vocab size?")
+    return torch.bincount(ids, minlength=vocab_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# Batches
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Batch:
+    """A padded batch.
+
+    Attributes:
+        input_ids: (B, L) int64, padded with the pad id; L is a multiple of `pad_to_multiple`.
+        attention_mask: (B, L) int64, 1 for real tokens ([CLS] and [SEP] included), 0 for padding.
+    """
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
+        return Batch(
+            self.input_ids.to(device, non_blocking=non_blocking),
+            self.attention_mask.to(device, non_blocking=non_blocking),
+        )
+
+    def pin_memory(self) -> Batch:
+        return Batch(self.input_ids.pin_memory(), self.attention_mask.pin_memory())
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # A hash, not seed + epoch, so that (seed 0, epoch 1) and (seed 1, epoch 0) differ.
+    digest = hashlib.sha256(f"LengthGroupedBatches/{seed}/{epoch}".encode()).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
+
+
+class LengthGroupedBatches:
+    """Length-grouped, padded batches; deterministic from (seed, epoch) and resumable mid-epoch.
+
+    An epoch's plan: shuffle all sequences; cut the shuffled order into mega-buckets of
+    `bucket_batches × batch_size` sequences; sort each bucket by length (longest first); cut it
+    into batches (`batch_size` sequences, fewer where `max_tokens` says so); shuffle the order of
+    all the epoch's batches. Sequences in a batch have similar lengths, so padding is small, while
+    the shuffles keep batches and their order random. Every sequence appears exactly once an epoch
+    (the last batch of a bucket may be smaller).
+
+    Two ways to consume it:
+      * step-based (the training loop): `next_batch()` returns the next batch and rolls into the
+        next epoch when one ends, forever;
+      * epoch-based: `for batch in loader` yields the rest of the current epoch, then advances the
+        epoch counter (a loop broken off early stays in its epoch).
+    Both advance the same position, so `state_dict()` taken after any batch, given to
+    `load_state_dict()` of a loader built on the same sequences and arguments, resumes with
+    exactly the batches that would have followed.
+
+    `shuffle=False` keeps the input order (buckets by position, no batch shuffle): for evaluation.
+    """
+
+    def __init__(
+        self,
+        sequences: Sequences | Sequence[Sequence[int]],
+        batch_size: int,
+        pad_id: int,
+        *,
+        max_tokens: int | None = None,
+        seed: int = 0,
+        bucket_batches: int = 100,
+        pad_to_multiple: int = 8,
+        shuffle: bool = True,
+        pin_memory: bool = False,
+    ):
+        """
+        Args:
+            sequences: N sequences (`Sequences` or lists of ids), N ≥ 1.
+            batch_size: the most sequences in a batch.
+            pad_id: the id written into padding.
+            max_tokens: if given, also cap a batch's padded size B × L at this many tokens (a
+                sequence longer than the budget still gets a batch of its own).
+            seed: the shuffling seed; epoch e's plan depends only on (seed, e).
+            bucket_batches: batches per mega-bucket; larger groups lengths tighter, smaller keeps
+                more randomness in which sequences share a batch.
+            pad_to_multiple: L is rounded up to a multiple of this (8 suits tensor cores).
+            shuffle: False gives a fixed, unshuffled order (evaluation).
+            pin_memory: return batches in pinned host memory (for non_blocking copies to CUDA).
+        """
+        self.seqs = as_sequences(sequences)
+        if len(self.seqs) == 0:
+            raise ValueError("no sequences to batch (empty corpus, or all sequences dropped as too short?)")
+        if batch_size < 1 or bucket_batches < 1 or pad_to_multiple < 1:
+            raise ValueError("batch_size, bucket_batches and pad_to_multiple must be ≥ 1")
+        self.batch_size = batch_size
+        self.pad_id = pad_id
+        self.max_tokens = max_tokens
+        self.seed = seed
+        self.bucket_batches = bucket_batches
+        self.pad_to_multiple = pad_to_multiple
+        self.shuffle = shuffle
+        self.pin_memory = pin_memory
+        self.epoch = 0  # the epoch being consumed
+        self.position = 0  # batches of `epoch` already handed out
+        self._lengths = self.seqs.lengths
+        self._plan_cache: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    # -- the plan ------------------------------------------------------------------------------
+
+    def _padded(self, n: int) -> int:
+        m = self.pad_to_multiple
+        return -(-n // m) * m
+
+    def _plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(order (N,) int64, starts (nb,) int64, ends (nb,) int64): batch k is order[starts[k]:ends[k]]."""
+        if self._plan_cache is not None and self._plan_cache[0] == epoch:
+            return self._plan_cache[1:]
+        n = len(self.seqs)
+        g = _epoch_generator(self.seed, epoch)
+        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
+        bucket = self.bucket_batches * self.batch_size
+        bucket_id = torch.arange(n) // bucket
+        lengths = self._lengths[order]
+        # One stable sort on (bucket, -length) sorts every bucket by length, longest first.
+        key = bucket_id * (int(lengths.max()) + 1) + (int(lengths.max()) - lengths)
+        order = order[torch.sort(key, stable=True).indices]
+        if self.max_tokens is None:
+            # Buckets hold a whole number of batches, so fixed-size cuts never straddle two.
+            starts = torch.arange(0, n, self.batch_size)
+            ends = (starts + self.batch_size).clamp_max(n)
+        else:
+            starts_l, ends_l = [], []
+            sorted_len = self._lengths[order].tolist()
+            for b0 in range(0, n, bucket):
+                b1 = min(b0 + bucket, n)
+                i = b0
+                while i < b1:
+                    # Longest first: the batch's first sequence sets its padded length.
+                    fit = max(1, self.max_tokens // self._padded(sorted_len[i]))
+                    j = min(i + min(fit, self.batch_size), b1)
+                    starts_l.append(i)
+                    ends_l.append(j)
+                    i = j
+            starts, ends = torch.tensor(starts_l), torch.tensor(ends_l)
+        if self.shuffle:
+            perm = torch.randperm(starts.numel(), generator=g)
+            starts, ends = starts[perm], ends[perm]
+        self._plan_cache = (epoch, order, starts, ends)
+        return order, starts, ends
+
+    def __len__(self) -> int:
+        """Batches in the current epoch (with `max_tokens` it can differ a little between epochs)."""
+        return self._plan(self.epoch)[1].numel()
+
+    # -- batches -------------------------------------------------------------------------------
+
+    def _collate(self, idx: torch.Tensor) -> Batch:
+        lens = self._lengths[idx]  # (B,)
+        width = self._padded(int(lens.max()))
+        pos = torch.arange(width)
+        mask = pos[None, :] < lens[:, None]  # (B, L)
+        src = (self.seqs.offsets[idx][:, None] + pos[None, :]).clamp_max(max(self.seqs.num_tokens - 1, 0))
+        input_ids = torch.where(mask, self.seqs.ids[src].long(), self.pad_id)  # (B, L) int64
+        batch = Batch(input_ids, mask.long())
+        return batch.pin_memory() if self.pin_memory and torch.cuda.is_available() else batch
+
+    def next_batch(self) -> Batch:
+        """The next batch, moving into the next epoch when the current one is used up (never ends)."""
+        order, starts, ends = self._plan(self.epoch)
+        if self.position >= starts.numel():
+            self.epoch += 1
+            self.position = 0
+            order, starts, ends = self._plan(self.epoch)
+        k = self.position
+        self.position += 1  # counted before the batch is used: a checkpoint taken now resumes after it
+        return self._collate(order[starts[k] : ends[k]])
+
+    def __iter__(self) -> Iterator[Batch]:
+        """The remaining batches of the current epoch; afterwards the epoch counter moves on."""
+        order, starts, ends = self._plan(self.epoch)
+        while self.position < starts.numel():
+            k = self.position
+            self.position += 1
+            yield self._collate(order[starts[k] : ends[k]])
+        self.epoch += 1
+        self.position = 0
+
+    # -- resumption ----------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, int]:
+        """{epoch, position, seed, num_sequences}: where the next batch comes from."""
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_sequences": len(self.seqs)}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        """Continue from `state`; the loader must be built on the same sequences and arguments."""
+        n = state.get("num_sequences", len(self.seqs))
+        if n != len(self.seqs):
+            raise ValueError(f"data state is for {n} sequences, this loader has {len(self.seqs)}: another corpus?")
+        self.seed = int(state["seed"])
+        self.epoch = int(state["epoch"])
+        self.position = int(state["position"])
+        self._plan_cache = None
