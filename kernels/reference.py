@@ -74,3 +74,57 @@ def kd_ce_rows_reference(
     if grad is not None:
         grad = grad.to(student.dtype)
     return kd_row, ce_row, grad
+
+
+def softmax_reference(x: torch.Tensor, temperature: float = 1.0, log: bool = False) -> torch.Tensor:
+    """softmax(x/T) (or log_softmax) over the last dim, computed in fp32 (fp64 for fp64), returned in x's dtype."""
+    acc = torch.float64 if x.dtype == torch.float64 else torch.float32
+    z = x.to(acc) / temperature
+    y = torch.log_softmax(z, dim=-1) if log else torch.softmax(z, dim=-1)
+    return y.to(x.dtype)
+
+
+def softmax_backward_reference(y: torch.Tensor, dy: torch.Tensor, temperature: float = 1.0, log: bool = False):
+    """Input gradient of `softmax_reference` from its output y and upstream gradient dy (in y's dtype).
+
+    softmax: dx = y (dy − Σ dy·y) / T;  log_softmax: dx = (dy − exp(y) Σ dy) / T.
+    """
+    acc = torch.float64 if y.dtype == torch.float64 else torch.float32
+    y32, dy32 = y.to(acc), dy.to(acc)
+    if log:
+        dx = dy32 - y32.exp() * dy32.sum(-1, keepdim=True)
+    else:
+        dx = y32 * (dy32 - (dy32 * y32).sum(-1, keepdim=True))
+    return (dx / temperature).to(y.dtype)
+
+
+def cosine_rows_reference(
+    student: torch.Tensor,  # (N, H) any float dtype
+    teacher: torch.Tensor,  # (N, H) any float dtype
+    mask: torch.Tensor | None = None,  # (N,) bool rows that count; None: all rows
+    scale: float | torch.Tensor = 1.0,
+    eps: float = 1e-8,
+    compute_grad: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-row cosine loss 1 − cos(s, t) and its gradient with respect to s, times `scale`.
+
+    cos = s·t / (max(‖s‖, eps) · max(‖t‖, eps)) (torch.nn.functional.cosine_similarity);
+    ∂(1 − cos)/∂s = −t / (‖s‖‖t‖) + cos · s / ‖s‖²  (the second term only where ‖s‖ > eps, as the clamp is constant).
+
+    Returns:
+        loss_row (N,) fp32 (fp64 for fp64 students), 0 for unselected rows; grad (N, H) in the student's dtype, 0
+        for unselected rows (None unless `compute_grad`).
+    """
+    acc = torch.float64 if student.dtype == torch.float64 else torch.float32
+    s, t = student.to(acc), teacher.to(acc)
+    norm_s, norm_t = s.norm(dim=-1), t.norm(dim=-1)
+    ns, nt = norm_s.clamp_min(eps), norm_t.clamp_min(eps)
+    cos = (s * t).sum(-1) / (ns * nt)
+    rows = torch.ones_like(cos, dtype=torch.bool) if mask is None else mask.bool()
+    loss_row = torch.where(rows, 1 - cos, torch.zeros_like(cos))
+    if not compute_grad:
+        return loss_row, None
+    radial = torch.where(norm_s > eps, cos / (ns * ns), torch.zeros_like(cos))
+    g = -(t / (ns * nt)[:, None]) + radial[:, None] * s
+    g = torch.where(rows[:, None], g * _scale(scale, s), torch.zeros_like(g))
+    return loss_row, g.to(student.dtype)

@@ -1,0 +1,567 @@
+"""Single-pass distillation loss on logits: temperature KD (KL) and hard-label cross-entropy, fused.
+
+Per row n with student logits s, teacher logits t (a constant), temperature T, label y, smoothing ε:
+
+    p_s = softmax(s/T),  p_t = softmax(t/T),  q = softmax(s)
+    kd_row[n] = T² Σ_v p_t,v (log p_t,v − log p_s,v)              (0 where kd_mask[n] is False)
+    ce_row[n] = (1−ε)(lse(s) − s_y) + ε (lse(s) − mean_v s_v)      (0 where y == ignore_index)
+
+Gradient with respect to s, using ∂ log softmax(s/T)_v / ∂s_u = (δ_uv − p_s,u)/T:
+
+    ∂kd_row/∂s = T² · (p_s − p_t)/T = T (p_s − p_t)
+    ∂ce_row/∂s = q − (1−ε) onehot(y) − ε/V
+    grad[n]    = kd_scale · T (p_s − p_t) + ce_scale · (q − (1−ε) onehot(y) − ε/V)
+
+kd_scale and ce_scale are the weights of the row terms in the caller's loss (weight / count for a mean). The
+losses form this gradient in forward; backward multiplies it in place by the upstream gradient, one more read and
+write of [N, V] unless that gradient is exactly 1, which `_scale_grad_kernel` detects on the device (no host sync)
+and then leaves the stored gradient untouched: put loss weights into kd_weight / ce_weight to get that case.
+
+One program per row (per BLOCK_N rows when V is small); pass 1 walks the row in V-blocks with an online softmax
+(Milakov & Gimelshein, 2018) for s/T, t/T and s (T = 1), and folds the KL in without a third pass: with
+w_v = exp(t_v/T − m_t), d_t = Σ w and A = Σ w_v (t_v − s_v)/T,
+
+    KL = A/d_t − lse(t/T) + lse(s/T) = A/d_t + (m_s − m_t) + log d_s − log d_t,
+
+where A is rescaled by exp(m_old − m_new), like d_t, when the running maximum grows. Pass 2 writes the gradient.
+
+Memory traffic (the trade-off): when the row fits one block (V ≤ BLOCK) the tiles stay in registers and HBM sees
+exactly one read of s and t and one write of the gradient. Wider rows are read twice by the program; the second
+read follows the first within microseconds and mostly hits L2 (a 30522-wide bf16 row pair is 122 KB; ~130 SMs with
+two resident rows each keep ~32 MB in flight, under H100's 50 MB L2). Keeping the row on chip instead would need
+122 KB of registers per program, which spills. The label logit s_y is read in pass 1, so the gradient may be
+written over s itself (`grad_out=student`): each block is read before it is overwritten.
+"""
+
+import math
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from kernels._dispatch import use_triton
+from kernels.reference import kd_ce_rows_reference
+from kernels.softmax import round_to
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def _online_lse(m, d, x):
+    """Fold tile x (BLOCK_N, BLOCK) fp32, −inf where masked, into running row maxima m and sums d = Σ exp(x − m)."""
+    m_new = tl.maximum(m, tl.max(x, axis=1))
+    # While every entry so far is −inf, m_new is −inf and x − m_new would be −inf + inf = NaN: shift by 0 instead.
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    d = d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
+    return m_new, d
+
+
+@triton.jit
+def _online_kl(m, d, a, tt, ss):
+    """`_online_lse` for tt = t/T that also folds A = Σ exp(tt − m)(tt − ss) (see the module docstring)."""
+    m_new = tl.maximum(m, tl.max(tt, axis=1))
+    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+    alpha = tl.exp(m - shift)
+    w = tl.exp(tt - shift[:, None])
+    # p_t = 0 entries (t = −inf, padding) contribute 0·log 0 = 0: zero both operands first, as −inf − (−inf) = NaN.
+    # An A that became +inf (p_t > 0 where p_s = 0) must not turn into inf·0 when its weight underflows.
+    diff = tl.where(w > 0.0, tt, 0.0) - tl.where(w > 0.0, ss, 0.0)
+    a = tl.where(alpha > 0.0, a * alpha, 0.0) + tl.sum(w * diff, axis=1)
+    d = d * alpha + tl.sum(w, axis=1)
+    return m_new, d, a
+
+
+@triton.jit
+def _load_tile(s_ptr, t_ptr, rows, offs, mask, stride_s, stride_t, HAS_TEACHER: tl.constexpr):
+    """Student and teacher tiles (BLOCK_N, BLOCK), widened once from their stored dtype to fp32; −inf if masked."""
+    s = tl.load(s_ptr + rows[:, None] * stride_s + offs[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+    t = s
+    if HAS_TEACHER:
+        t = tl.load(t_ptr + rows[:, None] * stride_t + offs[None, :], mask=mask, other=float("-inf"))
+        t = t.to(tl.float32)
+    return s, t
+
+
+@triton.jit
+def _stats_tile(
+    m_s, d_s, m_t, d_t, a_t, m_1, d_1, s_sum, s, t, mask, inv_t,
+    HAS_TEACHER: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ONE_TEMP: tl.constexpr,
+):  # fmt: skip
+    """Pass-1 update: running (max, sum) of s/T, of t/T with A, and of s at T = 1; Σ s for label smoothing."""
+    m_s, d_s = _online_lse(m_s, d_s, s * inv_t)
+    if HAS_TEACHER:
+        m_t, d_t, a_t = _online_kl(m_t, d_t, a_t, t * inv_t, s * inv_t)
+    if HAS_LABELS:
+        if not ONE_TEMP:
+            m_1, d_1 = _online_lse(m_1, d_1, s)
+        if HAS_SMOOTHING:
+            s_sum += tl.sum(tl.where(mask, s, 0.0), axis=1)
+    return m_s, d_s, m_t, d_t, a_t, m_1, d_1, s_sum
+
+
+@triton.jit
+def _grad_tile(
+    s, t, offs, y, kd_on, ce_on, kd_coef, ce_coef, inv_t, lse_s, lse_t, lse_1, smoothing, V,
+    HAS_TEACHER: tl.constexpr, HAS_LABELS: tl.constexpr,
+):  # fmt: skip
+    """grad = kd_coef·(p_s − p_t) + ce_coef·(q − (1−ε)·onehot(y) − ε/V) in fp32, kd_coef = kd_scale·T."""
+    g = tl.zeros(s.shape, dtype=tl.float32)
+    if HAS_TEACHER:
+        g_kd = kd_coef * (tl.exp(s * inv_t - lse_s[:, None]) - tl.exp(t * inv_t - lse_t[:, None]))
+        g = tl.where(kd_on[:, None], g_kd, 0.0)  # where, not a 0 factor: an ignored row may hold NaN statistics
+    if HAS_LABELS:
+        # (q − 1) at the true class is formed in fp32; rounding q first to bf16 cancels catastrophically near q = 1.
+        onehot = tl.where(offs[None, :] == y[:, None], 1.0 - smoothing, 0.0)
+        g_ce = tl.exp(s - lse_1[:, None]) - smoothing / V - onehot
+        g += tl.where(ce_on[:, None], ce_coef * g_ce, 0.0)
+    return g
+
+
+@triton.jit
+def _kd_ce_fwd_kernel(
+    s_ptr,  # (N, V) student logits, fp32/bf16/fp16, unit column stride
+    t_ptr,  # (N, V) teacher logits, fp32/bf16/fp16, unit column stride (unused without HAS_TEACHER)
+    y_ptr,  # (N,) int32/int64 labels (unused without HAS_LABELS)
+    kd_mask_ptr,  # (N,) uint8 KD row mask (unused without HAS_KD_MASK)
+    kd_scale_ptr,  # () fp32
+    ce_scale_ptr,  # () fp32
+    kd_row_ptr,  # (N,) fp32 out
+    ce_row_ptr,  # (N,) fp32 out
+    g_ptr,  # (N, V) student dtype out, may alias s_ptr (unused without COMPUTE_GRAD)
+    N,
+    V,
+    stride_s,
+    stride_t,
+    stride_g,
+    inv_t,
+    temperature,
+    smoothing,
+    ignore_index,
+    HAS_TEACHER: tl.constexpr,
+    HAS_LABELS: tl.constexpr,
+    HAS_KD_MASK: tl.constexpr,
+    HAS_SMOOTHING: tl.constexpr,
+    ONE_TEMP: tl.constexpr,
+    COMPUTE_GRAD: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    # BLOCK_N rows per program (many for small V, 1 for wide rows). 64-bit rows: row·stride passes 2^31 elements.
+    out_rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = out_rows < N
+    # Rows past N re-read row N−1 (same program, so in-place stays safe) and are never stored: loads need no row
+    # mask and the padding never computes log 0.
+    rows = tl.minimum(out_rows, N - 1)
+    cols = tl.arange(0, BLOCK)
+
+    kd_on = row_ok
+    if HAS_KD_MASK:
+        kd_on = tl.load(kd_mask_ptr + rows) != 0
+    ce_on = row_ok
+    in_range = row_ok
+    y = cols
+    s_y = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_LABELS:
+        y = tl.load(y_ptr + rows).to(tl.int32)
+        ce_on = y != ignore_index
+        in_range = (y >= 0) & (y < V)
+        # The label logit is read before pass 2 may overwrite s (in-place gradient).
+        s_y = tl.load(s_ptr + rows * stride_s + y, mask=ce_on & in_range, other=0.0).to(tl.float32)
+
+    # Pass 1: statistics. A single tile stays in registers for pass 2 (one HBM read); wider rows loop.
+    m_s = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    d_s = tl.zeros([BLOCK_N], dtype=tl.float32)
+    m_t, d_t, a_t, m_1, d_1, s_sum = m_s, d_s, d_s, m_s, d_s, d_s
+    if SINGLE_TILE:
+        mask = (cols < V)[None, :]
+        s, t = _load_tile(s_ptr, t_ptr, rows, cols, mask, stride_s, stride_t, HAS_TEACHER)
+        m_s, d_s, m_t, d_t, a_t, m_1, d_1, s_sum = _stats_tile(
+            m_s, d_s, m_t, d_t, a_t, m_1, d_1, s_sum, s, t, mask, inv_t,
+            HAS_TEACHER, HAS_LABELS, HAS_SMOOTHING, ONE_TEMP,
+        )  # fmt: skip
+    else:
+        for start in range(0, V, BLOCK):
+            mask = (start + cols < V)[None, :]
+            s_b, t_b = _load_tile(s_ptr, t_ptr, rows, start + cols, mask, stride_s, stride_t, HAS_TEACHER)
+            m_s, d_s, m_t, d_t, a_t, m_1, d_1, s_sum = _stats_tile(
+                m_s, d_s, m_t, d_t, a_t, m_1, d_1, s_sum, s_b, t_b, mask, inv_t,
+                HAS_TEACHER, HAS_LABELS, HAS_SMOOTHING, ONE_TEMP,
+            )  # fmt: skip
+
+    lse_s = m_s + tl.log(d_s)
+    lse_t = lse_s
+    lse_1 = lse_s
+    kd = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_TEACHER:
+        lse_t = m_t + tl.log(d_t)
+        kl = a_t / d_t + (m_s - m_t) + (tl.log(d_s) - tl.log(d_t))
+        kd = tl.where(kd_on, kl * (temperature * temperature), 0.0)  # where, not a 0 factor: NaN rows give 0
+    ce = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if HAS_LABELS:
+        if not ONE_TEMP:
+            lse_1 = m_1 + tl.log(d_1)
+        ce = (1.0 - smoothing) * (lse_1 - s_y)
+        if HAS_SMOOTHING:
+            ce += smoothing * (lse_1 - s_sum / V)
+        ce = tl.where(in_range, ce, float("nan"))  # a label outside [0, V) poisons the loss (no OOB read, no sync)
+        ce = tl.where(ce_on, ce, 0.0)
+    tl.store(kd_row_ptr + out_rows, kd, mask=row_ok)  # every row is written, ignored ones with 0
+    tl.store(ce_row_ptr + out_rows, ce, mask=row_ok)
+
+    # Pass 2: the gradient, rounded once to the student dtype.
+    if COMPUTE_GRAD:
+        kd_coef = tl.load(kd_scale_ptr) * temperature
+        ce_coef = tl.load(ce_scale_ptr)
+        if SINGLE_TILE:
+            g = _grad_tile(
+                s, t, cols, y, kd_on, ce_on, kd_coef, ce_coef, inv_t, lse_s, lse_t, lse_1, smoothing, V,
+                HAS_TEACHER, HAS_LABELS,
+            )  # fmt: skip
+            g_ptrs = g_ptr + out_rows[:, None] * stride_g + cols[None, :]
+            tl.store(g_ptrs, round_to(g, g_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < V)[None, :])
+        else:
+            for start in range(0, V, BLOCK):
+                mask = (start + cols < V)[None, :]
+                s_b, t_b = _load_tile(s_ptr, t_ptr, rows, start + cols, mask, stride_s, stride_t, HAS_TEACHER)
+                g = _grad_tile(
+                    s_b, t_b, start + cols, y, kd_on, ce_on, kd_coef, ce_coef, inv_t, lse_s, lse_t, lse_1,
+                    smoothing, V, HAS_TEACHER, HAS_LABELS,
+                )  # fmt: skip
+                g_ptrs = g_ptr + out_rows[:, None] * stride_g + (start + cols)[None, :]
+                tl.store(g_ptrs, round_to(g, g_ptr.dtype.element_ty), mask=row_ok[:, None] & mask)
+
+
+@triton.jit
+def _scale_grad_kernel(
+    g_ptr,  # (N, V) stored gradient, any float dtype, unit column stride; scaled in place
+    scale_ptr,  # () or (N,) fp32 upstream gradient
+    N,
+    V,
+    stride_g,
+    PER_ROW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = rows < N
+    cols = tl.arange(0, BLOCK)
+    if PER_ROW:
+        scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
+    else:
+        scale = tl.load(scale_ptr + rows * 0)  # the () upstream gradient, broadcast to the block's rows
+    # An upstream gradient of exactly 1 (`loss.backward()` with the weights inside the loss) needs no pass over the
+    # gradient: the programs return after one scalar read. A NaN upstream is not 1, so it still propagates.
+    if tl.min(tl.where(scale == 1.0, 1, 0), axis=0) == 0:
+        for start in range(0, V, BLOCK):
+            mask = row_ok[:, None] & (start + cols < V)[None, :]
+            ptrs = g_ptr + rows[:, None] * stride_g + (start + cols)[None, :]
+            g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * scale[:, None]
+            tl.store(ptrs, round_to(g, g_ptr.dtype.element_ty), mask=mask)
+
+
+def _kd_ce_config(V: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK, num_warps) for rows of V logits stored as `dtype`.
+
+    A tile holds at most 8 KB per input (4096 bf16/fp16 or 2048 fp32 logits): with 16 warps each thread issues one
+    16-byte vector load per tile and keeps 8 fp32 values of s and t, far from spilling. Rows wider than a tile
+    loop; narrower rows share a program (BLOCK_N ≤ 64 rows: each row carries ~12 fp32 running statistics, and 4096
+    rows of width 1 in one program spill registers).
+    """
+    elems = 8192 // dtype.itemsize
+    block = min(triton.next_power_of_2(max(V, 1)), elems)
+    block_n = min(elems // block, 64)
+    num_warps = min(16, max(1, block_n * block * dtype.itemsize // 512))
+    return block_n, block, num_warps
+
+
+def _scale_tensor(x: float | torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A () fp32 device tensor for a loss weight; a tensor stays where it is (no host round trip)."""
+    if isinstance(x, torch.Tensor):
+        return x.detach().to(device=device, dtype=torch.float32).reshape(())
+    return torch.full((), float(x), dtype=torch.float32, device=device)
+
+
+def kd_ce_fwd(student, teacher, labels, kd_mask, temperature, kd_scale, ce_scale, label_smoothing, ignore_index,
+              compute_grad, grad_out):  # fmt: skip
+    """Launch `_kd_ce_fwd_kernel`; arguments and returns as `kd_ce_rows` (inputs already validated)."""
+    n, v = student.shape
+    # The kernel needs unit column strides (vector loads); rows may be strided. A copy only for transposed inputs.
+    if student.stride(1) != 1:
+        student = student.contiguous()
+    if teacher is not None and teacher.stride(1) != 1:
+        teacher = teacher.contiguous()
+    device = student.device
+    kd_row = torch.empty(n, dtype=torch.float32, device=device)
+    ce_row = torch.empty(n, dtype=torch.float32, device=device)
+    grad = None
+    if compute_grad:
+        grad = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_out is None else grad_out
+    if n == 0:
+        return kd_row, ce_row, grad
+    block_n, block, num_warps = _kd_ce_config(v, student.dtype)
+    t, g = (student if x is None else x for x in (teacher, grad))  # the student stands in for absent tensors
+    y = student if labels is None else labels.contiguous()
+    m = student if kd_mask is None else kd_mask.contiguous().to(torch.bool).view(torch.uint8)
+    _kd_ce_fwd_kernel[(triton.cdiv(n, block_n),)](
+        student, t, y, m,
+        _scale_tensor(kd_scale, device), _scale_tensor(ce_scale, device), kd_row, ce_row, g,
+        n, v,
+        student.stride(0), t.stride(0), g.stride(0),
+        1.0 / temperature, float(temperature), float(label_smoothing), int(ignore_index),
+        HAS_TEACHER=teacher is not None, HAS_LABELS=labels is not None, HAS_KD_MASK=kd_mask is not None,
+        HAS_SMOOTHING=label_smoothing > 0, ONE_TEMP=temperature == 1.0, COMPUTE_GRAD=compute_grad,
+        SINGLE_TILE=v <= block, BLOCK_N=block_n, BLOCK=block, num_warps=num_warps,
+    )  # fmt: skip
+    if grad_out is not None:
+        torch.autograd.graph.increment_version(grad_out)  # written behind autograd's back
+    return kd_row, ce_row, grad
+
+
+def scale_grad_(grad: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor | None:
+    """grad (N, V) *= grad_output (() or (N,) per row), in place and without a host sync; free when it is 1."""
+    if grad is None:
+        return None
+    per_row = grad_output.dim() == 1
+    if not (use_triton(grad, grad_output) and grad.dtype in _KERNEL_DTYPES and grad.stride(1) == 1):
+        return grad.mul_(grad_output[:, None] if per_row else grad_output)
+    n, v = grad.shape
+    if n > 0:
+        block_n, block, num_warps = _kd_ce_config(v, grad.dtype)
+        _scale_grad_kernel[(triton.cdiv(n, block_n),)](
+            grad, grad_output.to(torch.float32).contiguous(), n, v, grad.stride(0),
+            PER_ROW=per_row, BLOCK_N=block_n, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
+    # Bump the version as an in-place op would: a second backward through a retained graph then fails autograd's
+    # saved-tensor check instead of silently scaling the stored gradient twice.
+    torch.autograd.graph.increment_version(grad)
+    return grad
+
+
+def _check(temperature: float, *constants: torch.Tensor | None) -> None:
+    """T must lie in (0, ∞); teacher tensors are constants: a gradient into them would be silently dropped."""
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+    for x in constants:
+        if x is not None and x.requires_grad:
+            raise ValueError(
+                "teacher tensors are constants and receive no gradient, but this one requires grad: compute it "
+                "under torch.no_grad() or pass .detach()"
+            )
+
+
+def kd_ce_rows(
+    student: torch.Tensor,
+    teacher: torch.Tensor | None,
+    labels: torch.Tensor | None,
+    kd_mask: torch.Tensor | None = None,
+    temperature: float = 1.0,
+    kd_scale: float | torch.Tensor = 0.0,
+    ce_scale: float | torch.Tensor = 0.0,
+    label_smoothing: float = 0.0,
+    ignore_index: int = -100,
+    compute_grad: bool = True,
+    grad_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """Per-row KD and CE losses and the student-logit gradient in one pass (contract: `kd_ce_rows_reference`).
+
+    Args:
+        student: (N, V) fp32/bf16/fp16 logits; rows may be strided (a copy is made if columns are not contiguous).
+        teacher: (N, V) logits of any float dtype, or None (CE only). Must not require grad.
+        labels: (N,) integer class ids in [0, V) or `ignore_index`, or None (KD only). A label outside [0, V)
+            gives a NaN CE row (no host-side check, which would sync).
+        kd_mask: (N,) bool, rows that take the KD term; None: all rows.
+        temperature: T > 0 for the KD term (CE always uses T = 1).
+        kd_scale, ce_scale: weights of each row's KD/CE term in the caller's loss, floats or () fp32 device tensors
+            (never read on the host); they scale only the gradient.
+        compute_grad: whether to write the gradient.
+        grad_out: optional (N, V) buffer of the student dtype with unit column stride for the gradient; may be
+            `student` itself (each row is read in full before it is overwritten).
+
+    Returns:
+        kd_row (N,) fp32, ce_row (N,) fp32 (fp64 for fp64 inputs), grad (N, V) student dtype or None.
+        fp64 inputs, and CPU tensors outside Triton's interpreter, run the reference.
+    """
+    _check(temperature, teacher)
+    if grad_out is not None and (grad_out.shape != student.shape or grad_out.dtype != student.dtype):
+        raise ValueError("grad_out must have the student's shape and dtype")
+    if grad_out is not None and grad_out.stride(1) != 1:
+        raise ValueError("grad_out needs a unit column stride")
+    tensors = [x for x in (student, teacher, labels, kd_mask) if x is not None]
+    if use_triton(*tensors) and all(x.dtype in _KERNEL_DTYPES for x in (student, teacher) if x is not None):
+        return kd_ce_fwd(student, teacher, labels, kd_mask, temperature, kd_scale, ce_scale, label_smoothing,
+                         ignore_index, compute_grad, grad_out)  # fmt: skip
+    with torch.no_grad():
+        kd_row, ce_row, grad = kd_ce_rows_reference(student, teacher, labels, kd_mask, temperature, kd_scale,
+                                                    ce_scale, label_smoothing, ignore_index, compute_grad)  # fmt: skip
+        if grad_out is not None and grad is not None:
+            grad = grad_out.copy_(grad)
+    return kd_row, ce_row, grad
+
+
+def _flat(logits: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(..., V) → (N, V) and (...) → (N,); a view unless reshape must copy."""
+    return logits.reshape(-1, logits.shape[-1]), None if rows is None else rows.reshape(-1)
+
+
+def _count(selected: torch.Tensor | None, n: int) -> torch.Tensor | float:
+    """Number of rows a mean divides by, at least 1 (an empty selection averages to 0); a device tensor, no sync."""
+    return float(max(n, 1)) if selected is None else selected.sum().clamp_min(1).to(torch.float32)
+
+
+class DistillLossFunction(torch.autograd.Function):
+    """kd_weight·KD + ce_weight·CE over rows; the student gradient is made in forward and scaled in backward."""
+
+    @staticmethod
+    def forward(ctx, student, teacher, labels, kd_mask, temperature, kd_weight, ce_weight, ignore_index):
+        n_kd = _count(kd_mask, student.shape[0])
+        n_ce = _count(labels != ignore_index, 0) if labels is not None else 1.0
+        kd_row, ce_row, grad = kd_ce_rows(
+            student, teacher, labels, kd_mask, temperature, kd_weight / n_kd, ce_weight / n_ce,
+            ignore_index=ignore_index, compute_grad=ctx.needs_input_grad[0],
+        )  # fmt: skip
+        kd, ce = kd_row.sum() / n_kd, ce_row.sum() / n_ce
+        ctx.save_for_backward(grad)
+        ctx.mark_non_differentiable(kd, ce)  # the stored gradient is that of `loss` only
+        return kd_weight * kd + ce_weight * ce, kd, ce
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss, grad_kd, grad_ce):
+        (grad,) = ctx.saved_tensors
+        # In place, so no second (N, V) buffer (and no pass at all when grad_loss is 1).
+        return scale_grad_(grad, grad_loss), None, None, None, None, None, None, None
+
+
+class CrossEntropyFunction(torch.autograd.Function):
+    """Hard-label CE with label smoothing and reduction none/sum/mean; gradient made in forward."""
+
+    @staticmethod
+    def forward(ctx, logits, labels, ignore_index, label_smoothing, reduction):
+        n = _count(labels != ignore_index, 0) if reduction == "mean" else 1.0
+        _, ce_row, grad = kd_ce_rows(logits, None, labels, ce_scale=1.0 / n, label_smoothing=label_smoothing,
+                                     ignore_index=ignore_index, compute_grad=ctx.needs_input_grad[0])  # fmt: skip
+        ctx.save_for_backward(grad)
+        ctx.per_row = reduction == "none"
+        return ce_row if ctx.per_row else ce_row.sum() / n
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_loss):
+        (grad,) = ctx.saved_tensors
+        # reduction='none': row n of the stored gradient is ∂ce_row[n]/∂s, scaled by its own upstream gradient.
+        return scale_grad_(grad, grad_loss), None, None, None, None
+
+
+class DistillLossOutput(NamedTuple):
+    """() fp32 tensors: `loss` = kd_weight·kd + ce_weight·ce carries the gradient; `kd` and `ce` are for logging."""
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor
+
+
+def distill_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor | None = None,
+    kd_mask: torch.Tensor | None = None,
+    temperature: float = 2.0,
+    kd_weight: float = 1.0,
+    ce_weight: float = 1.0,
+    ignore_index: int = -100,
+) -> DistillLossOutput:
+    """DistilBERT's KD + MLM loss on logits in one pass: KLDivLoss(batchmean)·T² over KD rows plus CE (T = 1).
+
+    Args:
+        student_logits: (..., V) fp32/bf16/fp16.
+        teacher_logits: (..., V) any float dtype; a constant: raises ValueError if it requires grad.
+        labels: (...) int class ids, `ignore_index` for rows without one; None: no CE term.
+        kd_mask: (...) bool, rows that take the KD term (DistilBERT: non-pad tokens); None: all rows.
+        temperature: T > 0 (ValueError otherwise).
+        kd_weight, ce_weight: weights of the two means in `loss`.
+
+    Returns:
+        DistillLossOutput of () fp32 tensors. Means divide by on-device counts clamped to ≥ 1, so no selected row
+        gives 0 loss and 0 gradient. Only `loss` is differentiable (kd and ce are marked non-differentiable).
+    """
+    _check(temperature, teacher_logits)
+    s, labels = _flat(student_logits, labels)
+    t, kd_mask = _flat(teacher_logits, kd_mask)
+    out = DistillLossFunction.apply(s, t, labels, kd_mask, temperature, kd_weight, ce_weight, ignore_index)
+    return DistillLossOutput(*out)
+
+
+def kd_loss(
+    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kd_mask: torch.Tensor | None = None,
+    temperature: float = 2.0,
+) -> torch.Tensor:  # fmt: skip
+    """T²·KL(softmax(t/T) ‖ softmax(s/T)) summed over V, averaged over KD rows (KLDivLoss(batchmean)·T²).
+
+    Args and dtypes as `distill_loss`. Returns a () fp32 tensor, 0 when no row is selected.
+    """
+    _check(temperature, teacher_logits)
+    s, kd_mask = _flat(student_logits, kd_mask)
+    # The KD term alone is DistillLossFunction with no labels: loss = 1·kd + 0·0, exactly kd.
+    return DistillLossFunction.apply(s, teacher_logits.reshape(s.shape), None, kd_mask, temperature, 1.0, 0.0, -100)[0]
+
+
+def cross_entropy(
+    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, label_smoothing: float = 0.0,
+    reduction: str = "mean",
+) -> torch.Tensor:  # fmt: skip
+    """Cross-entropy with hard labels, like `torch.nn.functional.cross_entropy` on (N, V) logits.
+
+    Args:
+        logits: (..., V) fp32/bf16/fp16. labels: (...) int, `ignore_index` rows count nowhere.
+        label_smoothing: ε in [0, 1]. reduction: "mean" (over non-ignored rows), "sum" or "none".
+
+    Returns:
+        fp32: () for mean/sum, labels.shape for none. Unlike torch, a mean over no rows is 0, not NaN.
+    """
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
+    if not 0.0 <= label_smoothing <= 1.0:
+        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
+    s, flat_labels = _flat(logits, labels)
+    out = CrossEntropyFunction.apply(s, flat_labels, ignore_index, label_smoothing, reduction)
+    return out.reshape(labels.shape) if reduction == "none" else out
+
+
+class DistillLoss(torch.nn.Module):
+    """Module form of `distill_loss` (KD + CE in one pass)."""
+
+    def __init__(self, temperature: float = 2.0, kd_weight: float = 1.0, ce_weight: float = 1.0, ignore_index=-100):
+        super().__init__()
+        _check(temperature)
+        self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
+        self.ignore_index = ignore_index
+
+    def forward(self, student_logits, teacher_logits, labels=None, kd_mask=None) -> DistillLossOutput:
+        return distill_loss(student_logits, teacher_logits, labels, kd_mask, self.temperature, self.kd_weight,
+                            self.ce_weight, self.ignore_index)  # fmt: skip
+
+
+class KDLoss(torch.nn.Module):
+    """Module form of `kd_loss`."""
+
+    def __init__(self, temperature: float = 2.0):
+        super().__init__()
+        _check(temperature)
+        self.temperature = temperature
+
+    def forward(self, student_logits, teacher_logits, kd_mask=None) -> torch.Tensor:
+        return kd_loss(student_logits, teacher_logits, kd_mask, self.temperature)
+
+
+class CrossEntropyLoss(torch.nn.Module):
+    """Module form of `cross_entropy`."""
+
+    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean"):
+        super().__init__()
+        self.ignore_index, self.label_smoothing, self.reduction = ignore_index, label_smoothing, reduction
+
+    def forward(self, logits, labels) -> torch.Tensor:
+        return cross_entropy(logits, labels, self.ignore_index, self.label_smoothing, self.reduction)

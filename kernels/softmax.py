@@ -1,0 +1,278 @@
+"""Softmax and log-softmax over the last dimension, with a temperature.
+
+Forward, per row x of width V, with z = x/T and lse(z) = log Σ_v exp(z_v):
+
+    softmax:      y_v = exp(z_v − lse(z))
+    log_softmax:  y_v = z_v − lse(z)
+
+Backward, with upstream gradient dy and ∂z/∂x = 1/T:
+
+    softmax:      dx = y ⊙ (dy − Σ_v dy_v y_v) / T        (Jacobian of softmax: diag(y) − y yᵀ)
+    log_softmax:  dx = (dy − exp(y) Σ_v dy_v) / T          (Jacobian of log-softmax: I − 1 softmax(z)ᵀ)
+
+Both directions are two passes over the row's V-blocks inside one program: pass 1 reduces (online max and sum
+for the forward, Milakov & Gimelshein 2018; Σ dy·y or Σ dy for the backward), pass 2 writes. A row that fits one
+block stays in registers between the passes. Reductions are fp32; outputs take the input dtype, like torch.
+Entries of −inf give y = 0 (log: −inf); a row of only −inf gives NaN, as in torch.
+"""
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+from torch.autograd.function import once_differentiable
+
+from kernels._dispatch import use_triton
+from kernels.reference import softmax_backward_reference, softmax_reference
+
+_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+@triton.jit
+def round_to(x, DTYPE: tl.constexpr):
+    """Cast fp32 `x` to DTYPE, rounding to nearest-even; the kernel files share it for every 16-bit store.
+
+    GPUs round fp32 → bf16 to nearest-even (cvt.rn), but Triton's CPU interpreter truncates (its `cast_impl`
+    converts with no rounding mode, in triton/runtime/interpreter.py), a full bf16 ulp of error that would make the
+    tests check something the GPU never computes. The integer form (c10's `round_to_nearest_even`) gives the same
+    bits on both, for a few integer ops per element in kernels bound by memory: add 0x7FFF plus the lowest kept bit
+    (ties to even), drop the low 16 bits. NaN is passed through: a NaN payload in the low bits could round to inf.
+    """
+    if DTYPE == tl.bfloat16:
+        bits = x.to(tl.uint32, bitcast=True)
+        bits = bits + (0x7FFF + ((bits >> 16) & 1))
+        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
+        return tl.where(x != x, x.to(tl.bfloat16), y)
+    else:
+        return x.to(DTYPE)
+
+
+@triton.jit
+def _softmax_fwd_kernel(
+    x_ptr,  # (N, V) input, fp32/bf16/fp16, unit column stride
+    y_ptr,  # (N, V) output, input dtype
+    N,
+    V,
+    stride_x,
+    stride_y,
+    inv_t,
+    LOG: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    out_rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # 64-bit row offsets
+    row_ok = out_rows < N
+    rows = tl.minimum(out_rows, N - 1)  # padding rows re-read row N−1 and are never stored
+    cols = tl.arange(0, BLOCK)
+    x_rows = x_ptr + rows[:, None] * stride_x
+    y_rows = y_ptr + out_rows[:, None] * stride_y
+
+    # Pass 1: running max m and d = Σ exp(z − m). While a row has seen only −inf, shift by 0, not by −inf (NaN).
+    m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
+    d = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if SINGLE_TILE:
+        z = tl.load(x_rows + cols[None, :], mask=(cols < V)[None, :], other=float("-inf")).to(tl.float32) * inv_t
+        m = tl.max(z, axis=1)
+        d = tl.sum(tl.exp(z - tl.where(m == float("-inf"), 0.0, m)[:, None]), axis=1)
+    else:
+        for start in range(0, V, BLOCK):
+            mask = (start + cols < V)[None, :]
+            zb = tl.load(x_rows + start + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+            m_new = tl.maximum(m, tl.max(zb, axis=1))
+            shift = tl.where(m_new == float("-inf"), 0.0, m_new)
+            d = d * tl.exp(m - shift) + tl.sum(tl.exp(zb - shift[:, None]), axis=1)
+            m = m_new
+    lse = m + tl.log(d)
+
+    # Pass 2: write y.
+    if SINGLE_TILE:
+        y = z - lse[:, None]
+        if not LOG:
+            y = tl.exp(y)
+        tl.store(
+            y_rows + cols[None, :], round_to(y, y_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < V)[None, :]
+        )
+    else:
+        for start in range(0, V, BLOCK):
+            mask = (start + cols < V)[None, :]
+            zb = tl.load(x_rows + start + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_t
+            y = zb - lse[:, None]
+            if not LOG:
+                y = tl.exp(y)
+            tl.store(y_rows + start + cols[None, :], round_to(y, y_ptr.dtype.element_ty), mask=row_ok[:, None] & mask)
+
+
+@triton.jit
+def _softmax_bwd_kernel(
+    y_ptr,  # (N, V) forward output, unit column stride
+    dy_ptr,  # (N, V) upstream gradient, unit column stride
+    dx_ptr,  # (N, V) input gradient out, input dtype
+    N,
+    V,
+    stride_y,
+    stride_dy,
+    stride_dx,
+    inv_t,
+    LOG: tl.constexpr,
+    SINGLE_TILE: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    out_rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_ok = out_rows < N
+    rows = tl.minimum(out_rows, N - 1)
+    cols = tl.arange(0, BLOCK)
+    y_rows = y_ptr + rows[:, None] * stride_y
+    dy_rows = dy_ptr + rows[:, None] * stride_dy
+    dx_rows = dx_ptr + out_rows[:, None] * stride_dx
+
+    # Pass 1: c = Σ dy·y (softmax) or Σ dy (log-softmax). Masked entries load 0 and add nothing.
+    c = tl.zeros([BLOCK_N], dtype=tl.float32)
+    if SINGLE_TILE:
+        mask = (cols < V)[None, :]
+        y = tl.load(y_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        dy = tl.load(dy_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+        if LOG:
+            c = tl.sum(dy, axis=1)
+        else:
+            c = tl.sum(dy * y, axis=1)
+    else:
+        for start in range(0, V, BLOCK):
+            mask = (start + cols < V)[None, :]
+            dyb = tl.load(dy_rows + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if LOG:
+                c += tl.sum(dyb, axis=1)
+            else:
+                yb = tl.load(y_rows + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+                c += tl.sum(dyb * yb, axis=1)
+
+    # Pass 2: dx = y(dy − c)/T, or (dy − exp(y)·c)/T.
+    if SINGLE_TILE:
+        if LOG:
+            dx = (dy - tl.exp(y) * c[:, None]) * inv_t
+        else:
+            dx = y * (dy - c[:, None]) * inv_t
+        tl.store(dx_rows + cols[None, :], round_to(dx, dx_ptr.dtype.element_ty), mask=row_ok[:, None] & mask)
+    else:
+        for start in range(0, V, BLOCK):
+            mask = (start + cols < V)[None, :]
+            yb = tl.load(y_rows + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            dyb = tl.load(dy_rows + start + cols[None, :], mask=mask, other=0.0).to(tl.float32)
+            if LOG:
+                dx = (dyb - tl.exp(yb) * c[:, None]) * inv_t
+            else:
+                dx = yb * (dyb - c[:, None]) * inv_t
+            tl.store(
+                dx_rows + start + cols[None, :], round_to(dx, dx_ptr.dtype.element_ty), mask=row_ok[:, None] & mask
+            )
+
+
+def _softmax_config(V: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK, num_warps): tiles of at most 8 KB per operand (16-byte vector loads from 16 warps); rows
+    wider than a tile loop, narrower rows share a program (at most 64 rows)."""
+    elems = 8192 // dtype.itemsize
+    block = min(triton.next_power_of_2(max(V, 1)), elems)
+    block_n = min(elems // block, 64)
+    return block_n, block, min(16, max(1, block_n * block * dtype.itemsize // 512))
+
+
+def _unit_cols(x: torch.Tensor) -> torch.Tensor:
+    """(..., V) → (N, V) with unit column stride: a view when possible, a copy for transposed or odd layouts."""
+    x2 = x.reshape(-1, x.shape[-1])
+    return x2 if x2.stride(1) == 1 or x2.shape[1] == 1 else x2.contiguous()
+
+
+def softmax_fwd(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
+    """Launch `_softmax_fwd_kernel` on (..., V) `x`; returns y of x's shape and dtype (contiguous)."""
+    x2 = _unit_cols(x)
+    n, v = x2.shape
+    y = torch.empty((n, v), dtype=x.dtype, device=x.device)
+    if n > 0:
+        block_n, block, num_warps = _softmax_config(v, x.dtype)
+        _softmax_fwd_kernel[(triton.cdiv(n, block_n),)](
+            x2, y, n, v, x2.stride(0), y.stride(0), 1.0 / temperature,
+            LOG=log, SINGLE_TILE=v <= block, BLOCK_N=block_n, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
+    return y.view(x.shape)
+
+
+def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
+    """Launch `_softmax_bwd_kernel`: dx (contiguous, y's shape and dtype) from the forward output y and dy."""
+    y2, dy2 = _unit_cols(y), _unit_cols(dy)
+    n, v = y2.shape
+    dx = torch.empty((n, v), dtype=y.dtype, device=y.device)
+    if n > 0:
+        block_n, block, num_warps = _softmax_config(v, y.dtype)
+        _softmax_bwd_kernel[(triton.cdiv(n, block_n),)](
+            y2, dy2, dx, n, v, y2.stride(0), dy2.stride(0), dx.stride(0), 1.0 / temperature,
+            LOG=log, SINGLE_TILE=v <= block, BLOCK_N=block_n, BLOCK=block, num_warps=num_warps,
+        )  # fmt: skip
+    return dx.view(y.shape)
+
+
+class SoftmaxFunction(torch.autograd.Function):
+    """softmax(x/T) or log_softmax(x/T) over the last dim; saves the output, like torch."""
+
+    @staticmethod
+    def forward(ctx, x, temperature, log):
+        if use_triton(x) and x.dtype in _KERNEL_DTYPES:
+            y = softmax_fwd(x, temperature, log)
+        else:
+            y = softmax_reference(x, temperature, log)
+        ctx.save_for_backward(y)
+        ctx.temperature, ctx.log = temperature, log
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        (y,) = ctx.saved_tensors
+        if use_triton(y, dy) and y.dtype in _KERNEL_DTYPES:
+            return softmax_bwd(y, dy, ctx.temperature, ctx.log), None, None
+        return softmax_backward_reference(y, dy, ctx.temperature, ctx.log), None, None
+
+
+def _check_temperature(temperature: float) -> None:
+    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
+        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+
+
+def softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(x / T) over the last dim.
+
+    Args:
+        x: (..., V) fp32/bf16/fp16 (fp64 runs the reference); any strides.
+        temperature: T > 0 (ValueError otherwise).
+
+    Returns:
+        (..., V) in x's dtype, contiguous; reductions in fp32.
+    """
+    _check_temperature(temperature)
+    return SoftmaxFunction.apply(x, temperature, False)
+
+
+def log_softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log_softmax(x / T) over the last dim; shapes, dtypes and errors as `softmax`."""
+    _check_temperature(temperature)
+    return SoftmaxFunction.apply(x, temperature, True)
+
+
+class Softmax(torch.nn.Module):
+    """Module form of `softmax` (last dim, temperature T)."""
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        _check_temperature(temperature)
+        self.temperature = temperature
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return softmax(x, self.temperature)
+
+
+class LogSoftmax(Softmax):
+    """Module form of `log_softmax` (last dim, temperature T)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return log_softmax(x, self.temperature)
