@@ -1,0 +1,288 @@
+"""The hand-written mixed-precision training loop that every command shares, and its checkpoints.
+
+`train()` runs in nanoGPT's order: autocast context; loss ÷ accumulation steps (× the loss scale
+for fp16); backward; then one guarded optimizer step (unscale → clip → overflow check → step →
+scale update → zero_grad(set_to_none)) and the learning rate from the pure `lr_at(step)`. A step
+reads nothing back to the host: loss terms are summed into device tensors and read only every
+`log_every` steps, when a metrics line is written.
+
+A checkpoint (torchtitan's Stateful idea) is one directory, replaced atomically, holding:
+    model/              the trained model in Hugging Face layout (loadable by `transformers`)
+    trainer_state.pt    optimizer, scaler, step guard, step, RNG states, data position, extras
+so a crash or Ctrl-C during a save leaves the previous checkpoint whole. SIGINT and SIGTERM finish
+the step in flight, save, and return.
+"""
+
+import json
+import math
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from engine.checkpoint import atomic_directory, save_model
+from engine.options import OptimOptions, RunOptions
+from engine.scaler import DynamicLossScaler, StepGuard, lr_at
+
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {name}: CUDA is not available on this machine; use --device cpu")
+    return device
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """`auto` is bf16 on CUDA devices that support it, fp32 elsewhere (CPU bf16 matmuls are slow on
+    most CPUs and the CPU path exists for correctness and the bundled demo, not speed)."""
+    if name not in PRECISIONS:
+        raise ValueError(f"--precision {name!r}: choose one of {', '.join(PRECISIONS)}")
+    if name == "auto":
+        return "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "fp32"
+    if name == "fp16" and device.type == "cpu":
+        raise ValueError("--precision fp16 needs CUDA (CPU autocast has no fp16 matmuls); use bf16 or fp32")
+    return name
+
+
+def compute_dtype(precision: str) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[precision]
+
+
+def autocast(device: torch.device, precision: str):
+    return torch.autocast(device.type, dtype=compute_dtype(precision), enabled=precision != "fp32")
+
+
+def make_optimizer(params, opts: OptimOptions, device: torch.device) -> torch.optim.AdamW:
+    """AdamW, fused (one kernel for all parameters, and the device-side overflow skip) where supported."""
+    params = [p for p in params if p.requires_grad]
+    if not params:
+        raise ValueError("nothing to train: every parameter is frozen")
+    kwargs = dict(lr=opts.lr, betas=tuple(opts.betas), eps=opts.eps, weight_decay=opts.weight_decay)
+    try:
+        return torch.optim.AdamW(params, fused=True, **kwargs)
+    except (RuntimeError, TypeError):  # fused unsupported for this device or dtype
+        return torch.optim.AdamW(params, **kwargs)
+
+
+class Stateful:
+    """Anything with state_dict()/load_state_dict() (data position, masking generator, …)."""
+
+    def state_dict(self) -> dict: ...
+    def load_state_dict(self, state: dict) -> None: ...
+
+
+class GeneratorState(Stateful):
+    """A torch.Generator as a checkpointable thing."""
+
+    def __init__(self, generator: torch.Generator):
+        self.generator = generator
+
+    def state_dict(self) -> dict:
+        return {"state": self.generator.get_state()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.generator.set_state(state["state"])
+
+
+class StopRequest:
+    """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second signal is not
+    swallowed: the default handler comes back after the first)."""
+
+    def __init__(self):
+        self.signal: int | None = None
+        self._old: dict = {}
+
+    def __enter__(self):
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._old[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: no handlers, nothing to restore
+                pass
+        return self
+
+    def _handle(self, signum, frame):
+        self.signal = signum
+        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+
+    def __exit__(self, *exc):
+        for sig, old in self._old.items():
+            signal.signal(sig, old)
+
+
+@dataclass
+class TrainResult:
+    step: int  # optimizer steps done
+    interrupted: bool  # stopped early by a signal (checkpoint saved)
+    history: list = field(default_factory=list)  # the metric lines written this run
+    seconds: float = 0.0
+
+
+def _rng_state() -> dict:
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def _set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def save_checkpoint(path: Path, model, tokenizer_dir, trainer_state: dict) -> None:
+    """Write model + trainer state into `path` atomically (the old checkpoint survives any failure)."""
+    with atomic_directory(path) as tmp:
+        save_model(model, Path(tmp) / "model", tokenizer_dir=tokenizer_dir)
+        torch.save(trainer_state, Path(tmp) / "trainer_state.pt")
+
+
+def load_trainer_state(path: Path) -> dict:
+    f = Path(path) / "trainer_state.pt"
+    if not f.is_file():
+        raise FileNotFoundError(f"no checkpoint to resume in {path}: {f.name} is missing; start without --resume")
+    return torch.load(f, map_location="cpu", weights_only=False)
+
+
+def train(
+    model: torch.nn.Module,
+    step_loss: Callable[[object], tuple[torch.Tensor, dict[str, torch.Tensor]]],
+    batches,
+    optim: OptimOptions,
+    run: RunOptions,
+    out_dir: Path,
+    device: torch.device,
+    precision: str,
+    tokenizer_dir=None,
+    stateful: dict[str, Stateful] | None = None,
+    evaluate: Callable[[int], dict] | None = None,
+    tokens_in: Callable[[object], torch.Tensor] | None = None,
+    options_record: dict | None = None,
+) -> TrainResult:
+    """Train `model` for `optim.steps` optimizer steps.
+
+    Args:
+        step_loss: batch → (loss, {term name: 0-dim tensor}) for one micro-batch; called under autocast.
+        batches: has `next_batch()` and `state_dict()`/`load_state_dict()` (the data position).
+        stateful: more things to checkpoint by name (e.g. the masking generator).
+        evaluate: step → metrics dict, under no_grad; run every `run.eval_every` steps and at the end.
+        tokens_in: batch → number of real tokens (a device tensor), for tokens/s.
+    Returns:
+        TrainResult; metric lines also go to `out_dir/metrics.jsonl`, checkpoints to `out_dir/checkpoint`.
+    """
+    out_dir = Path(out_dir)
+    ckpt_dir = out_dir / "checkpoint"
+    stateful = dict(stateful or {})
+    optimizer = make_optimizer(model.parameters(), optim, device)
+    scaler = DynamicLossScaler(device) if precision == "fp16" else None
+    guard = StepGuard(optimizer, scaler, optim.clip)
+    warmup = int(math.ceil(optim.warmup * optim.steps))
+    start = 0
+    if run.resume:
+        state = load_trainer_state(ckpt_dir)
+        from engine.checkpoint import load_state_into
+
+        load_state_into(model, ckpt_dir / "model")
+        optimizer.load_state_dict(state["optimizer"])
+        guard.load_state_dict(state["guard"])
+        if scaler is not None and state.get("scaler") is not None:
+            scaler.load_state_dict(state["scaler"])
+        batches.load_state_dict(state["data"])
+        for name, obj in stateful.items():
+            obj.load_state_dict(state["extra"][name])
+        _set_rng_state(state["rng"])
+        start = state["step"]
+
+    def checkpoint(step: int) -> None:
+        trainer_state = {
+            "step": step,
+            "optimizer": optimizer.state_dict(),
+            "guard": guard.state_dict(),
+            "scaler": scaler.state_dict() if scaler is not None else None,
+            "data": batches.state_dict(),
+            "extra": {name: obj.state_dict() for name, obj in stateful.items()},
+            "rng": _rng_state(),
+            "options": options_record,
+        }
+        save_checkpoint(ckpt_dir, model, tokenizer_dir, trainer_state)
+
+    metrics_file = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in finally)
+    history = []
+    progress = None
+    if run.progress:
+        from tqdm.auto import tqdm
+
+        progress = tqdm(total=optim.steps, initial=start, unit="step", dynamic_ncols=True)
+    sums: dict[str, torch.Tensor] = {}
+    tokens = torch.zeros((), dtype=torch.float64, device=device)
+    t_last, step_last = time.perf_counter(), start
+    t0 = time.perf_counter()
+    step = start
+    interrupted = False
+    model.train()
+    try:
+        with StopRequest() as stop:
+            while step < optim.steps:
+                lr = lr_at(step, optim.steps, warmup, optim.lr)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                for _ in range(optim.grad_accum):
+                    batch = batches.next_batch()
+                    with autocast(device, precision):
+                        loss, terms = step_loss(batch)
+                    scaled = scaler.scale_loss(loss) if scaler is not None else loss
+                    (scaled / optim.grad_accum).backward()
+                    for k, v in {"loss": loss, **terms}.items():
+                        v = v.detach().float() / optim.grad_accum
+                        sums[k] = sums[k] + v if k in sums else v
+                    if tokens_in is not None:
+                        tokens += tokens_in(batch)
+                guard.step()
+                step += 1
+                if progress is not None:
+                    progress.update(1)
+                last = step == optim.steps or stop.signal is not None
+                if step % max(run.log_every, 1) == 0 or last:
+                    # The only host reads of training: once per log interval.
+                    now = time.perf_counter()
+                    n = step - step_last
+                    line = {"step": step, "lr": lr}
+                    line.update({k: round(float(v) / n, 6) for k, v in sums.items()})
+                    line["grad_norm"] = round(float(guard.last_grad_norm), 4)
+                    line["skipped_steps"] = int(guard.skipped)
+                    if scaler is not None:
+                        line["loss_scale"] = float(scaler.scale)
+                    if tokens_in is not None:
+                        line["tokens_per_s"] = round(float(tokens) / max(now - t_last, 1e-9), 1)
+                    line["elapsed_s"] = round(now - t0, 2)
+                    sums, tokens = {}, torch.zeros_like(tokens)
+                    t_last, step_last = now, step
+                    history.append(line)
+                    metrics_file.write(json.dumps(line) + "\n")
+                    metrics_file.flush()
+                    if progress is not None:
+                        progress.set_postfix(loss=line["loss"], tok_s=line.get("tokens_per_s", ""))
+                if evaluate is not None and run.eval_every and step % run.eval_every == 0 and not last:
+                    record = {"step": step, "eval": evaluate(step)}
+                    model.train()
+                    history.append(record)
+                    metrics_file.write(json.dumps(record) + "\n")
+                    metrics_file.flush()
+                if stop.signal is not None:
+                    interrupted = True
+                    checkpoint(step)
+                    break
+                if (run.save_every and step % run.save_every == 0) or last:
+                    checkpoint(step)
+    finally:
+        metrics_file.close()
+        if progress is not None:
+            progress.close()
+    return TrainResult(step=step, interrupted=interrupted, history=history, seconds=time.perf_counter() - t0)
