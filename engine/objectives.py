@@ -11,8 +11,8 @@ mask (built by the data loader on the CPU), so their indices reach the device wi
 step waits on a device→host read. Student and teacher hidden states are packed to [N, H] with those
 indices; the MLM transform runs on the packed rows only, and the vocabulary projection of both
 models feeds the LM-head-fused kernel chunk by chunk, so no [N, V] logits tensor exists.
-With `restrict_ce_to_mask` the KD term is masked to the MLM rows inside the kernel (the head still
-runs on every non-pad row: packing the masked rows would need their count on the host).
+With `restrict_ce_to_mask` (and for MLM alone) the head runs on the masked rows only: they are
+packed with one device→host read of their count per step, the one sync this option costs.
 
 Task-specific distillation (fine-tuning):
     classification: L = α · CE(s, y) + (1 − α) · T² · KL(softmax(t/T) ‖ softmax(s/T))
@@ -113,43 +113,40 @@ class PretrainObjective:
         loss = zero
         if o.alpha_ce > 0 or o.alpha_mlm > 0:
             head = self.student.lm_head
-            labels_or_none = row_labels if o.alpha_mlm > 0 else None
+            hs, ht, y = s_rows, (t_rows if o.alpha_ce > 0 else None), row_labels
+            if o.restrict_ce_to_mask or o.alpha_ce == 0:
+                # Only the masked rows need the head: pack them (15% of the rows, so the vocabulary
+                # projections cost ~85% less) at the price of one device→host read of their count.
+                sel = (row_labels != -100).nonzero().squeeze(1)
+                hs, y = hs.index_select(0, sel), y.index_select(0, sel)  # (M, H), (M,)
+                ht = ht.index_select(0, sel) if ht is not None else None  # (M, H_t)
+            z_s = head.transform(hs)  # (N or M, H)
             if o.alpha_ce > 0:
                 t_head = self.teacher.lm_head
                 with torch.no_grad():
-                    z_t = t_head.transform(t_rows)  # (N, H_t)
-                z_s = head.transform(s_rows)  # (N, H)
-                kd_mask = row_labels != -100 if o.restrict_ce_to_mask else None
+                    z_t = t_head.transform(ht)  # (N or M, H_t)
+                labels_or_none = y if o.alpha_mlm > 0 else None
                 if o.fused_head:
                     out = fused_linear_distill_loss(
                         z_s, head.decoder.weight, head.decoder.bias, z_t, t_head.decoder.weight, t_head.decoder.bias,
-                        labels=labels_or_none, kd_mask=kd_mask, temperature=o.temperature,
-                        kd_weight=o.alpha_ce, ce_weight=o.alpha_mlm,
+                        labels=labels_or_none, temperature=o.temperature, kd_weight=o.alpha_ce, ce_weight=o.alpha_mlm,
                     )  # fmt: skip
                 else:
                     s_logits = torch.nn.functional.linear(z_s, head.decoder.weight, head.decoder.bias)  # (N, V)
                     with torch.no_grad():
                         t_logits = torch.nn.functional.linear(z_t, t_head.decoder.weight, t_head.decoder.bias)
                     out = distill_loss(
-                        s_logits, t_logits, labels=labels_or_none, kd_mask=kd_mask, temperature=o.temperature,
+                        s_logits, t_logits, labels=labels_or_none, temperature=o.temperature,
                         kd_weight=o.alpha_ce, ce_weight=o.alpha_mlm,
                     )  # fmt: skip
                 loss = loss + out.loss
                 terms["kd"] = out.kd.detach()
                 terms["mlm"] = out.ce.detach()
             else:
-                # MLM alone (no teacher, e.g. `adapt-head`): only the masked rows need the head, and
-                # packing them costs one device→host read of their count, a fair price off the
-                # distillation hot path (the head is ~85% cheaper on 15% of the rows).
-                sel = (row_labels != -100).nonzero().squeeze(1)
-                z_s = head.transform(s_rows.index_select(0, sel))  # (M, H)
-                row_labels = row_labels.index_select(0, sel)  # (M,)
                 if o.fused_head:
-                    ce = fused_linear_cross_entropy(z_s, head.decoder.weight, head.decoder.bias, row_labels)
+                    ce = fused_linear_cross_entropy(z_s, head.decoder.weight, head.decoder.bias, y)
                 else:
-                    ce = cross_entropy(
-                        torch.nn.functional.linear(z_s, head.decoder.weight, head.decoder.bias), row_labels
-                    )
+                    ce = cross_entropy(torch.nn.functional.linear(z_s, head.decoder.weight, head.decoder.bias), y)
                 loss = loss + o.alpha_mlm * ce
                 terms["mlm"] = ce.detach()
         if o.alpha_cos > 0:
