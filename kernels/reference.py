@@ -16,6 +16,8 @@ mean: weight / count); they may be 0-dim device tensors so that no count ever vi
 Teacher entries of −inf have p_t = 0 and contribute nothing (0·log 0 = 0).
 """
 
+import math
+
 import torch
 
 
@@ -46,32 +48,39 @@ def kd_ce_rows_reference(
     n, v = s.shape
     kd_row = s.new_zeros(n)
     ce_row = s.new_zeros(n)
-    grad = torch.zeros_like(s) if compute_grad else None
+    grad = None
+    # Full-size temporaries are reused in place: on CPU this function is the production path, and
+    # each [N, V] pass costs as much as the arithmetic.
     if teacher is not None:
-        t = teacher.to(acc)
-        log_ps = torch.log_softmax(s / temperature, dim=-1)
-        log_pt = torch.log_softmax(t / temperature, dim=-1)
-        pt = log_pt.exp()
-        kl = torch.where(pt > 0, pt * (log_pt - log_ps), torch.zeros_like(pt)).sum(-1)
         rows = torch.ones(n, dtype=torch.bool, device=s.device) if kd_mask is None else kd_mask.bool()
+        log_ps = torch.log_softmax(s / temperature, dim=-1)  # (N, V)
+        log_pt = torch.log_softmax(teacher.to(acc) / temperature, dim=-1)  # (N, V)
+        pt = log_pt.exp()
+        # Σ p_t (log p_t − log p_s) with 0·log 0 = 0. Where p_t = 0 the product is 0 or 0·(±inf) = nan;
+        # where p_t > 0 the difference is finite or +inf (log p_s = −inf), never −inf. So clearing nan
+        # and −inf to 0 keeps +inf (a student that rules out a teacher token) and is otherwise exact.
+        kl = log_pt.sub_(log_ps).mul_(pt).nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0).sum(-1)
         kd_row = torch.where(rows, kl * temperature**2, kd_row)
         if compute_grad:
-            g = (log_ps.exp() - pt) * temperature * _scale(kd_scale, s)
-            grad += torch.where(rows[:, None], g, torch.zeros_like(g))
+            grad = log_ps.exp_().sub_(pt).mul_(temperature * _scale(kd_scale, s))  # T·scale·(p_s − p_t)
+            grad.masked_fill_(~rows[:, None], 0.0)
     if labels is not None:
         valid = labels != ignore_index
-        y = torch.where(valid, labels, torch.zeros_like(labels)).long()
+        y = labels.masked_fill(~valid, 0).long()
         lse = torch.logsumexp(s, dim=-1)
         nll = lse - s.gather(1, y[:, None]).squeeze(1)
         if label_smoothing > 0:
             nll = (1 - label_smoothing) * nll + label_smoothing * (lse - s.mean(-1))
         ce_row = torch.where(valid, nll, ce_row)
         if compute_grad:
-            g = torch.softmax(s, dim=-1) - label_smoothing / v
+            g = (s - lse[:, None]).exp_()  # softmax(s)
+            if label_smoothing > 0:
+                g.sub_(label_smoothing / v)
             g.scatter_add_(1, y[:, None], torch.full_like(s[:, :1], -(1 - label_smoothing)))
-            g = g * _scale(ce_scale, s)
-            grad += torch.where(valid[:, None], g, torch.zeros_like(g))
-    if grad is not None:
+            g.mul_(_scale(ce_scale, s)).masked_fill_(~valid[:, None], 0.0)
+            grad = g if grad is None else grad.add_(g)
+    if compute_grad:
+        grad = torch.zeros_like(s) if grad is None else grad
         grad = grad.to(student.dtype)
     return kd_row, ce_row, grad
 
