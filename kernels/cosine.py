@@ -21,8 +21,8 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels._dispatch import use_triton
+from kernels._tiles import round_to, row_tiles
 from kernels.reference import cosine_rows_reference
-from kernels.softmax import round_to
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
@@ -101,15 +101,6 @@ def _cosine_fwd_kernel(
                 )
 
 
-def _cosine_config(H: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK, num_warps): tiles of at most 8 KB per operand (16-byte vector loads from 16 warps); rows
-    wider than a tile loop, narrower rows share a program (at most 64 rows)."""
-    elems = 8192 // dtype.itemsize
-    block = min(triton.next_power_of_2(max(H, 1)), elems)
-    block_n = min(elems // block, 64)
-    return block_n, block, min(16, max(1, block_n * block * dtype.itemsize // 512))
-
-
 def cosine_fwd(student, teacher, mask, scale, compute_grad):
     """Launch `_cosine_fwd_kernel`: (loss_row (N,) fp32, grad (N, H) student dtype or None)."""
     if student.stride(1) != 1:  # vector loads need unit column strides; rows may be strided
@@ -120,7 +111,7 @@ def cosine_fwd(student, teacher, mask, scale, compute_grad):
     loss_row = torch.empty(n, dtype=torch.float32, device=student.device)
     grad = torch.empty((n, h), dtype=student.dtype, device=student.device) if compute_grad else None
     if n > 0:
-        block_n, block, num_warps = _cosine_config(h, student.dtype)
+        block_n, block, num_warps = row_tiles(h, student.dtype)
         if not isinstance(scale, torch.Tensor):  # torch.full fills on the device; as_tensor would copy from host
             scale = torch.full((), scale, dtype=torch.float32, device=student.device)
         _cosine_fwd_kernel[(triton.cdiv(n, block_n),)](

@@ -42,8 +42,8 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels._dispatch import use_triton
+from kernels._tiles import round_to, row_tiles
 from kernels.reference import kd_ce_rows_reference
-from kernels.softmax import round_to
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
@@ -262,21 +262,6 @@ def _scale_grad_kernel(
             tl.store(ptrs, round_to(g, g_ptr.dtype.element_ty), mask=mask)
 
 
-def _kd_ce_config(V: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK, num_warps) for rows of V logits stored as `dtype`.
-
-    A tile holds at most 8 KB per input (4096 bf16/fp16 or 2048 fp32 logits): with 16 warps each thread issues one
-    16-byte vector load per tile and keeps 8 fp32 values of s and t, far from spilling. Rows wider than a tile
-    loop; narrower rows share a program (BLOCK_N ≤ 64 rows: each row carries ~12 fp32 running statistics, and 4096
-    rows of width 1 in one program spill registers).
-    """
-    elems = 8192 // dtype.itemsize
-    block = min(triton.next_power_of_2(max(V, 1)), elems)
-    block_n = min(elems // block, 64)
-    num_warps = min(16, max(1, block_n * block * dtype.itemsize // 512))
-    return block_n, block, num_warps
-
-
 def _scale_tensor(x: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     """A () fp32 device tensor for a loss weight; a tensor stays where it is (no host round trip)."""
     if isinstance(x, torch.Tensor):
@@ -301,7 +286,7 @@ def kd_ce_fwd(student, teacher, labels, kd_mask, temperature, kd_scale, ce_scale
         grad = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_out is None else grad_out
     if n == 0:
         return kd_row, ce_row, grad
-    block_n, block, num_warps = _kd_ce_config(v, student.dtype)
+    block_n, block, num_warps = row_tiles(v, student.dtype)
     t, g = (student if x is None else x for x in (teacher, grad))  # the student stands in for absent tensors
     y = student if labels is None else labels.contiguous()
     m = student if kd_mask is None else kd_mask.contiguous().to(torch.bool).view(torch.uint8)
@@ -329,7 +314,7 @@ def scale_grad_(grad: torch.Tensor | None, grad_output: torch.Tensor) -> torch.T
         return grad.mul_(grad_output[:, None] if per_row else grad_output)
     n, v = grad.shape
     if n > 0:
-        block_n, block, num_warps = _kd_ce_config(v, grad.dtype)
+        block_n, block, num_warps = row_tiles(v, grad.dtype)
         _scale_grad_kernel[(triton.cdiv(n, block_n),)](
             grad, grad_output.to(torch.float32).contiguous(), n, v, grad.stride(0),
             PER_ROW=per_row, BLOCK_N=block_n, BLOCK=block, num_warps=num_warps,

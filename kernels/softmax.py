@@ -24,28 +24,10 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels._dispatch import use_triton
+from kernels._tiles import round_to, row_tiles
 from kernels.reference import softmax_backward_reference, softmax_reference
 
 _KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-
-
-@triton.jit
-def round_to(x, DTYPE: tl.constexpr):
-    """Cast fp32 `x` to DTYPE, rounding to nearest-even; the kernel files share it for every 16-bit store.
-
-    GPUs round fp32 → bf16 to nearest-even (cvt.rn), but Triton's CPU interpreter truncates (its `cast_impl`
-    converts with no rounding mode, in triton/runtime/interpreter.py), a full bf16 ulp of error that would make the
-    tests check something the GPU never computes. The integer form (c10's `round_to_nearest_even`) gives the same
-    bits on both, for a few integer ops per element in kernels bound by memory: add 0x7FFF plus the lowest kept bit
-    (ties to even), drop the low 16 bits. NaN is passed through: a NaN payload in the low bits could round to inf.
-    """
-    if DTYPE == tl.bfloat16:
-        bits = x.to(tl.uint32, bitcast=True)
-        bits = bits + (0x7FFF + ((bits >> 16) & 1))
-        y = (bits >> 16).to(tl.uint16).to(tl.bfloat16, bitcast=True)
-        return tl.where(x != x, x.to(tl.bfloat16), y)
-    else:
-        return x.to(DTYPE)
 
 
 @triton.jit
@@ -169,15 +151,6 @@ def _softmax_bwd_kernel(
             )
 
 
-def _softmax_config(V: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK, num_warps): tiles of at most 8 KB per operand (16-byte vector loads from 16 warps); rows
-    wider than a tile loop, narrower rows share a program (at most 64 rows)."""
-    elems = 8192 // dtype.itemsize
-    block = min(triton.next_power_of_2(max(V, 1)), elems)
-    block_n = min(elems // block, 64)
-    return block_n, block, min(16, max(1, block_n * block * dtype.itemsize // 512))
-
-
 def _unit_cols(x: torch.Tensor) -> torch.Tensor:
     """(..., V) → (N, V) with unit column stride: a view when possible, a copy for transposed or odd layouts."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -190,7 +163,7 @@ def softmax_fwd(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
     n, v = x2.shape
     y = torch.empty((n, v), dtype=x.dtype, device=x.device)
     if n > 0:
-        block_n, block, num_warps = _softmax_config(v, x.dtype)
+        block_n, block, num_warps = row_tiles(v, x.dtype)
         _softmax_fwd_kernel[(triton.cdiv(n, block_n),)](
             x2, y, n, v, x2.stride(0), y.stride(0), 1.0 / temperature,
             LOG=log, SINGLE_TILE=v <= block, BLOCK_N=block_n, BLOCK=block, num_warps=num_warps,
@@ -204,7 +177,7 @@ def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, temperature: float, log: bool
     n, v = y2.shape
     dx = torch.empty((n, v), dtype=y.dtype, device=y.device)
     if n > 0:
-        block_n, block, num_warps = _softmax_config(v, y.dtype)
+        block_n, block, num_warps = row_tiles(v, y.dtype)
         _softmax_bwd_kernel[(triton.cdiv(n, block_n),)](
             y2, dy2, dx, n, v, y2.stride(0), dy2.stride(0), dx.stride(0), 1.0 / temperature,
             LOG=log, SINGLE_TILE=v <= block, BLOCK_N=block_n, BLOCK=block, num_warps=num_warps,

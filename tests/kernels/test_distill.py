@@ -11,7 +11,6 @@ import torch
 import torch.nn.functional as F
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import kernels.distill as distill
 from kernels import (
     CrossEntropyLoss,
     DistillLoss,
@@ -21,6 +20,7 @@ from kernels import (
     kd_ce_rows,
     kd_loss,
 )
+from kernels._tiles import row_tiles
 from kernels.reference import kd_ce_rows_reference
 from tests.kernels.tolerances import DTYPES, TOL, assert_accuracy_rule, max_err
 
@@ -338,8 +338,8 @@ def test_out_of_range_label_poisons_the_loss(triton_impl):
 @pytest.mark.parametrize("v", [1, 7, 2048, 2049, 4096, 4097, 30522, 262144])
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_launch_heuristic_is_a_pure_function(v, dtype):
-    block_n, block, num_warps = distill._kd_ce_config(v, dtype)
-    assert (block_n, block, num_warps) == distill._kd_ce_config(v, dtype)
+    block_n, block, num_warps = row_tiles(v, dtype)
+    assert (block_n, block, num_warps) == row_tiles(v, dtype)
     assert block & (block - 1) == 0 and block_n & (block_n - 1) == 0 and num_warps in (1, 2, 4, 8, 16)
     assert block_n * block * dtype.itemsize <= 8192 and block_n <= 64
     assert block >= min(v, 8192 // dtype.itemsize)  # rows wider than the block loop, narrower ones fit in one
