@@ -20,10 +20,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 import torch
 
-from engine.checkpoint import atomic_directory, save_model
+from engine.checkpoint import atomic_directory, load_state_into, save_model
 from engine.options import OptimOptions, RunOptions
 from engine.scaler import DynamicLossScaler, StepGuard, lr_at
 
@@ -71,14 +72,15 @@ def make_optimizer(params, opts: OptimOptions, device: torch.device) -> torch.op
         return torch.optim.AdamW(params, **kwargs)
 
 
-class Stateful:
+class Stateful(Protocol):
     """Anything with state_dict()/load_state_dict() (data position, masking generator, …)."""
 
     def state_dict(self) -> dict: ...
+
     def load_state_dict(self, state: dict) -> None: ...
 
 
-class GeneratorState(Stateful):
+class GeneratorState:
     """A torch.Generator as a checkpointable thing."""
 
     def __init__(self, generator: torch.Generator):
@@ -187,8 +189,6 @@ def train(
     start = 0
     if run.resume:
         state = load_trainer_state(ckpt_dir)
-        from engine.checkpoint import load_state_into
-
         load_state_into(model, ckpt_dir / "model")
         optimizer.load_state_dict(state["optimizer"])
         guard.load_state_dict(state["guard"])
