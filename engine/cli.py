@@ -55,12 +55,9 @@ def _parser() -> argparse.ArgumentParser:
         help="add the teacher's token-type-0 embedding to the positions (DistilBERT has none), so that the "
         "student's outputs equal the chosen teacher layers'; the original DistilBERT drops it",
     )
-    try:
-        from engine import finetune
-    except ImportError:  # the task commands are optional until engine/finetune.py exists
-        finetune = None
-    if finetune is not None:
-        finetune.register(sub)  # `finetune` and `task`: each sets `func` (argparse.Namespace → exit code)
+    from engine import finetune
+
+    finetune.register(sub)  # `finetune` and `task`: each sets `func` (argparse.Namespace → exit code)
     return parser
 
 
