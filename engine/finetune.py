@@ -36,7 +36,7 @@ from engine.config import ModelConfig
 from engine.data import load_tokenizer
 from engine.loop import autocast, compute_dtype, resolve_device, resolve_precision, train
 from engine.metrics import accuracy, macro_f1, squad_evaluate
-from engine.model import build_model
+from engine.model import build_model, count_parameters
 from engine.objectives import classification_kd_loss, qa_kd_loss
 from engine.options import OptimOptions, RunOptions, add_options, build_options, opt, to_dict
 from engine.qa import QAExample, QAFeatures, load_squad, postprocess, prepare_features, qa_batches
@@ -444,10 +444,6 @@ def check_lengths(max_len: int, tokenizer, *models) -> None:
                 f"has {c.vocab_size}; use the model's own tokenizer"
             )
         m.encoder.validate_inputs = False
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _describe(model) -> str:

@@ -430,6 +430,11 @@ HEADS: dict[str | None, type[nn.Module]] = {
 }
 
 
+def count_parameters(model: nn.Module) -> int:
+    """Number of parameters (a tied decoder counts once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
 def build_model(config: ModelConfig, head: str | None = "mlm") -> nn.Module:
     """A freshly initialized model: head None → Encoder, "mlm" → MaskedLM, "classification" →
     SequenceClassifier, "qa" → QuestionAnswerer (fp32 on the current default device)."""

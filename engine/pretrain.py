@@ -17,6 +17,7 @@ from engine import checkpoint as ckpt
 from engine.data import LengthGroupedBatches, load_texts, load_tokenizer, split_heldout, token_counts, tokenize_corpus
 from engine.loop import GeneratorState, autocast, compute_dtype, resolve_device, resolve_precision, train
 from engine.masking import mask_tokens, smoothing_weights
+from engine.model import count_parameters
 from engine.objectives import PretrainObjective, to_device
 from engine.options import DataOptions, MaskingOptions, ObjectiveOptions, OptimOptions, RunOptions, opt, to_dict
 from engine.report import format_table, plot_curves, prepare_out_dir, read_history, write_json
@@ -159,10 +160,6 @@ def prepare_corpus(tokenizer_dir, data: DataOptions, masking: MaskingOptions, ru
         weights = smoothing_weights(counts, exponent=masking.mlm_smoothing, special_token_ids=special_ids.cpu())
         weights = weights.to(device)
     return Corpus(tokenizer, batches, eval_batches, special_ids, weights, len(train_seqs), len(heldout))
-
-
-def count_parameters(model) -> int:
-    return sum(p.numel() for p in model.parameters())
 
 
 def _train_and_report(model, objective_fn, corpus: Corpus, models_for_eval: dict, optim, run, out, device, precision,
