@@ -1,26 +1,38 @@
 """Fused Triton loss kernels for distillation, usable by any training stack (no dependency on `engine`).
 
-Note: `kernels.softmax` is the function (re-exported here), which shadows the submodule of the same name as an
-attribute; reach the module with `importlib.import_module("kernels.softmax")` or `from kernels.softmax import ...`.
+Layout: one file per op family, each in the same order (module docstring with the forward and gradient math →
+private `@triton.jit` kernels → launcher → row-level dispatch → `autograd.Function` → public function → Module),
+and one naming ladder per family that no two layers share:
+
+    distill.py        _kd_ce_fwd_kernel → kd_ce_fwd → kd_ce_rows → KDCELossFunction → distill_loss → DistillLoss
+    kd.py             KD alone on the same kernel:                             kd_loss → KDLoss
+    cross_entropy.py  CE alone on the same kernel: CrossEntropyLossFunction → cross_entropy → CrossEntropyLoss
+    softmax.py        _softmax_{fwd,bwd}_kernel → softmax_{fwd,bwd} → softmax_rows(_backward) → SoftmaxFunction
+                      → softmax, log_softmax → Softmax, LogSoftmax
+    cosine.py         _cosine_fwd_kernel → cosine_fwd → cosine_rows → CosineLossFunction → cosine_loss → CosineLoss
+    fused_linear.py   LM-head-fused losses: fused_linear_distill_fwd → FusedLinearDistillLossFunction
+                      → fused_linear_distill_loss, fused_linear_cross_entropy → FusedLinear{Distill,CrossEntropy}Loss
+    reference.py      the pure-PyTorch references (the contracts, the CPU path, the tests' oracle)
+
+and what they share, in private modules: `_contract` (the one input checker), `_dispatch` (where an op runs and the
+dtypes the kernels take), `_tiles` (the launch heuristic and the rounding store), `_grad` (the backward of every loss
+that forms its gradient in the forward).
+
+Note: `kernels.softmax` and `kernels.cross_entropy` are the functions (re-exported here), which shadow the submodules
+of the same names as attributes; reach the modules with `importlib.import_module("kernels.softmax")` or
+`from kernels.softmax import ...`.
 """
 
 from kernels.cosine import CosineLoss, cosine_loss
-from kernels.distill import (
-    CrossEntropyLoss,
-    DistillLoss,
-    DistillLossOutput,
-    KDLoss,
-    cross_entropy,
-    distill_loss,
-    kd_ce_rows,
-    kd_loss,
-)
-from kernels.fused_linear import (  # LM-head-fused losses (issue #4)
+from kernels.cross_entropy import CrossEntropyLoss, cross_entropy
+from kernels.distill import DistillLoss, DistillLossOutput, distill_loss, kd_ce_rows
+from kernels.fused_linear import (
     FusedLinearCrossEntropyLoss,
     FusedLinearDistillLoss,
     fused_linear_cross_entropy,
     fused_linear_distill_loss,
 )
+from kernels.kd import KDLoss, kd_loss
 from kernels.softmax import LogSoftmax, Softmax, log_softmax, softmax
 
 __all__ = [

@@ -20,11 +20,11 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from kernels import _contract as check
 from kernels._dispatch import use_triton
 from kernels._tiles import round_to, row_tiles
 from kernels.reference import cosine_rows_reference
 
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 EPS = 1e-8  # torch.nn.functional.cosine_similarity's default
 
 
@@ -124,19 +124,20 @@ def cosine_fwd(student, teacher, mask, scale, compute_grad):
     return loss_row, grad
 
 
+def cosine_rows(student, teacher, mask, scale, compute_grad):
+    """Per-row 1 − cos and its gradient times `scale`: the kernel where `use_triton` says so, else the reference."""
+    if use_triton(student, teacher, mask):
+        return cosine_fwd(student, teacher, mask, scale, compute_grad)
+    return cosine_rows_reference(student, teacher, mask, scale, EPS, compute_grad)
+
+
 class CosineLossFunction(torch.autograd.Function):
     """Mean over selected rows of 1 − cos(s, t); the gradient to s is made in forward and scaled in backward."""
 
     @staticmethod
     def forward(ctx, student, teacher, mask):
         count = float(max(student.shape[0], 1)) if mask is None else mask.sum().clamp_min(1).to(torch.float32)
-        compute_grad = ctx.needs_input_grad[0]
-        if use_triton(*[x for x in (student, teacher, mask) if x is not None]) and all(
-            x.dtype in _KERNEL_DTYPES for x in (student, teacher)
-        ):
-            loss_row, grad = cosine_fwd(student, teacher, mask, 1.0 / count, compute_grad)
-        else:
-            loss_row, grad = cosine_rows_reference(student, teacher, mask, 1.0 / count, EPS, compute_grad)
+        loss_row, grad = cosine_rows(student, teacher, mask, 1.0 / count, ctx.needs_input_grad[0])
         ctx.save_for_backward(grad)
         return loss_row.sum() / count  # a device count clamped to ≥ 1: no sync, no rows → 0
 
@@ -162,11 +163,7 @@ def cosine_loss(
         () fp32; 0 (and a 0 gradient) when no row is selected. eps = 1e-8 clamps each norm, like
         `torch.nn.functional.cosine_similarity`.
     """
-    if teacher_hidden.requires_grad:
-        raise ValueError(
-            "teacher hidden states are constants and receive no gradient, but these require grad: compute them "
-            "under torch.no_grad() or pass .detach()"
-        )
+    check.constant("teacher_hidden", teacher_hidden)
     h = student_hidden.shape[-1]
     s, t = student_hidden.reshape(-1, h), teacher_hidden.reshape(-1, h)
     return CosineLossFunction.apply(s, t, None if mask is None else mask.reshape(-1))

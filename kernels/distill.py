@@ -33,7 +33,6 @@ two resident rows each keep ~32 MB in flight, under H100's 50 MB L2). Keeping th
 written over s itself (`grad_out=student`): each block is read before it is overwritten.
 """
 
-import math
 from typing import NamedTuple
 
 import torch
@@ -41,11 +40,11 @@ import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from kernels import _contract as check
 from kernels._dispatch import use_triton
+from kernels._grad import scale_grad_
 from kernels._tiles import round_to, row_tiles
 from kernels.reference import kd_ce_rows_reference
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -234,34 +233,6 @@ def _kd_ce_fwd_kernel(
                 tl.store(g_ptrs, round_to(g, g_ptr.dtype.element_ty), mask=row_ok[:, None] & mask)
 
 
-@triton.jit
-def _scale_grad_kernel(
-    g_ptr,  # (N, V) stored gradient, any float dtype, unit column stride; scaled in place
-    scale_ptr,  # () or (N,) fp32 upstream gradient
-    N,
-    V,
-    stride_g,
-    PER_ROW: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    BLOCK: tl.constexpr,
-):
-    rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = rows < N
-    cols = tl.arange(0, BLOCK)
-    if PER_ROW:
-        scale = tl.load(scale_ptr + rows, mask=row_ok, other=1.0)
-    else:
-        scale = tl.load(scale_ptr + rows * 0)  # the () upstream gradient, broadcast to the block's rows
-    # An upstream gradient of exactly 1 (`loss.backward()` with the weights inside the loss) needs no pass over the
-    # gradient: the programs return after one scalar read. A NaN upstream is not 1, so it still propagates.
-    if tl.min(tl.where(scale == 1.0, 1, 0), axis=0) == 0:
-        for start in range(0, V, BLOCK):
-            mask = row_ok[:, None] & (start + cols < V)[None, :]
-            ptrs = g_ptr + rows[:, None] * stride_g + (start + cols)[None, :]
-            g = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32) * scale[:, None]
-            tl.store(ptrs, round_to(g, g_ptr.dtype.element_ty), mask=mask)
-
-
 def _scale_tensor(x: float | torch.Tensor, device: torch.device) -> torch.Tensor:
     """A () fp32 device tensor for a loss weight; a tensor stays where it is (no host round trip)."""
     if isinstance(x, torch.Tensor):
@@ -305,38 +276,6 @@ def kd_ce_fwd(student, teacher, labels, kd_mask, temperature, kd_scale, ce_scale
     return kd_row, ce_row, grad
 
 
-def scale_grad_(grad: torch.Tensor | None, grad_output: torch.Tensor) -> torch.Tensor | None:
-    """grad (N, V) *= grad_output (() or (N,) per row), in place and without a host sync; free when it is 1."""
-    if grad is None:
-        return None
-    per_row = grad_output.dim() == 1
-    if not (use_triton(grad, grad_output) and grad.dtype in _KERNEL_DTYPES and grad.stride(1) == 1):
-        return grad.mul_(grad_output[:, None] if per_row else grad_output)
-    n, v = grad.shape
-    if n > 0:
-        block_n, block, num_warps = row_tiles(v, grad.dtype)
-        _scale_grad_kernel[(triton.cdiv(n, block_n),)](
-            grad, grad_output.to(torch.float32).contiguous(), n, v, grad.stride(0),
-            PER_ROW=per_row, BLOCK_N=block_n, BLOCK=block, num_warps=num_warps,
-        )  # fmt: skip
-    # Bump the version as an in-place op would: a second backward through a retained graph then fails autograd's
-    # saved-tensor check instead of silently scaling the stored gradient twice.
-    torch.autograd.graph.increment_version(grad)
-    return grad
-
-
-def _check(temperature: float, *constants: torch.Tensor | None) -> None:
-    """T must lie in (0, ∞); teacher tensors are constants: a gradient into them would be silently dropped."""
-    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
-    for x in constants:
-        if x is not None and x.requires_grad:
-            raise ValueError(
-                "teacher tensors are constants and receive no gradient, but this one requires grad: compute it "
-                "under torch.no_grad() or pass .detach()"
-            )
-
-
 def kd_ce_rows(
     student: torch.Tensor,
     teacher: torch.Tensor | None,
@@ -369,13 +308,13 @@ def kd_ce_rows(
         kd_row (N,) fp32, ce_row (N,) fp32 (fp64 for fp64 inputs), grad (N, V) student dtype or None.
         fp64 inputs, and CPU tensors outside Triton's interpreter, run the reference.
     """
-    _check(temperature, teacher)
+    temperature = check.temperature(temperature)
+    check.constant("teacher", teacher)
     if grad_out is not None and (grad_out.shape != student.shape or grad_out.dtype != student.dtype):
         raise ValueError("grad_out must have the student's shape and dtype")
     if grad_out is not None and grad_out.stride(1) != 1:
         raise ValueError("grad_out needs a unit column stride")
-    tensors = [x for x in (student, teacher, labels, kd_mask) if x is not None]
-    if use_triton(*tensors) and all(x.dtype in _KERNEL_DTYPES for x in (student, teacher) if x is not None):
+    if use_triton(student, teacher, labels, kd_mask):
         return kd_ce_fwd(student, teacher, labels, kd_mask, temperature, kd_scale, ce_scale, label_smoothing,
                          ignore_index, compute_grad, grad_out)  # fmt: skip
     with torch.no_grad():
@@ -386,23 +325,23 @@ def kd_ce_rows(
     return kd_row, ce_row, grad
 
 
-def _flat(logits: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+def flat_rows(logits: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(..., V) → (N, V) and (...) → (N,); a view unless reshape must copy."""
     return logits.reshape(-1, logits.shape[-1]), None if rows is None else rows.reshape(-1)
 
 
-def _count(selected: torch.Tensor | None, n: int) -> torch.Tensor | float:
+def row_count(selected: torch.Tensor | None, n: int) -> torch.Tensor | float:
     """Number of rows a mean divides by, at least 1 (an empty selection averages to 0); a device tensor, no sync."""
     return float(max(n, 1)) if selected is None else selected.sum().clamp_min(1).to(torch.float32)
 
 
-class DistillLossFunction(torch.autograd.Function):
+class KDCELossFunction(torch.autograd.Function):
     """kd_weight·KD + ce_weight·CE over rows; the student gradient is made in forward and scaled in backward."""
 
     @staticmethod
     def forward(ctx, student, teacher, labels, kd_mask, temperature, kd_weight, ce_weight, ignore_index):
-        n_kd = _count(kd_mask, student.shape[0])
-        n_ce = _count(labels != ignore_index, 0) if labels is not None else 1.0
+        n_kd = row_count(kd_mask, student.shape[0])
+        n_ce = row_count(labels != ignore_index, 0) if labels is not None else 1.0
         kd_row, ce_row, grad = kd_ce_rows(
             student, teacher, labels, kd_mask, temperature, kd_weight / n_kd, ce_weight / n_ce,
             ignore_index=ignore_index, compute_grad=ctx.needs_input_grad[0],
@@ -418,26 +357,6 @@ class DistillLossFunction(torch.autograd.Function):
         (grad,) = ctx.saved_tensors
         # In place, so no second (N, V) buffer (and no pass at all when grad_loss is 1).
         return scale_grad_(grad, grad_loss), None, None, None, None, None, None, None
-
-
-class CrossEntropyFunction(torch.autograd.Function):
-    """Hard-label CE with label smoothing and reduction none/sum/mean; gradient made in forward."""
-
-    @staticmethod
-    def forward(ctx, logits, labels, ignore_index, label_smoothing, reduction):
-        n = _count(labels != ignore_index, 0) if reduction == "mean" else 1.0
-        _, ce_row, grad = kd_ce_rows(logits, None, labels, ce_scale=1.0 / n, label_smoothing=label_smoothing,
-                                     ignore_index=ignore_index, compute_grad=ctx.needs_input_grad[0])  # fmt: skip
-        ctx.save_for_backward(grad)
-        ctx.per_row = reduction == "none"
-        return ce_row if ctx.per_row else ce_row.sum() / n
-
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, grad_loss):
-        (grad,) = ctx.saved_tensors
-        # reduction='none': row n of the stored gradient is ∂ce_row[n]/∂s, scaled by its own upstream gradient.
-        return scale_grad_(grad, grad_loss), None, None, None, None
 
 
 class DistillLossOutput(NamedTuple):
@@ -472,47 +391,12 @@ def distill_loss(
         DistillLossOutput of () fp32 tensors. Means divide by on-device counts clamped to ≥ 1, so no selected row
         gives 0 loss and 0 gradient. Only `loss` is differentiable (kd and ce are marked non-differentiable).
     """
-    _check(temperature, teacher_logits)
-    s, labels = _flat(student_logits, labels)
-    t, kd_mask = _flat(teacher_logits, kd_mask)
-    out = DistillLossFunction.apply(s, t, labels, kd_mask, temperature, kd_weight, ce_weight, ignore_index)
+    temperature = check.temperature(temperature)
+    check.constant("teacher_logits", teacher_logits)
+    s, labels = flat_rows(student_logits, labels)
+    t, kd_mask = flat_rows(teacher_logits, kd_mask)
+    out = KDCELossFunction.apply(s, t, labels, kd_mask, temperature, kd_weight, ce_weight, ignore_index)
     return DistillLossOutput(*out)
-
-
-def kd_loss(
-    student_logits: torch.Tensor, teacher_logits: torch.Tensor, kd_mask: torch.Tensor | None = None,
-    temperature: float = 2.0,
-) -> torch.Tensor:  # fmt: skip
-    """T²·KL(softmax(t/T) ‖ softmax(s/T)) summed over V, averaged over KD rows (KLDivLoss(batchmean)·T²).
-
-    Args and dtypes as `distill_loss`. Returns a () fp32 tensor, 0 when no row is selected.
-    """
-    _check(temperature, teacher_logits)
-    s, kd_mask = _flat(student_logits, kd_mask)
-    # The KD term alone is DistillLossFunction with no labels: loss = 1·kd + 0·0, exactly kd.
-    return DistillLossFunction.apply(s, teacher_logits.reshape(s.shape), None, kd_mask, temperature, 1.0, 0.0, -100)[0]
-
-
-def cross_entropy(
-    logits: torch.Tensor, labels: torch.Tensor, ignore_index: int = -100, label_smoothing: float = 0.0,
-    reduction: str = "mean",
-) -> torch.Tensor:  # fmt: skip
-    """Cross-entropy with hard labels, like `torch.nn.functional.cross_entropy` on (N, V) logits.
-
-    Args:
-        logits: (..., V) fp32/bf16/fp16. labels: (...) int, `ignore_index` rows count nowhere.
-        label_smoothing: ε in [0, 1]. reduction: "mean" (over non-ignored rows), "sum" or "none".
-
-    Returns:
-        fp32: () for mean/sum, labels.shape for none. Unlike torch, a mean over no rows is 0, not NaN.
-    """
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none', got {reduction!r}")
-    if not 0.0 <= label_smoothing <= 1.0:
-        raise ValueError(f"label_smoothing must lie in [0, 1], got {label_smoothing}")
-    s, flat_labels = _flat(logits, labels)
-    out = CrossEntropyFunction.apply(s, flat_labels, ignore_index, label_smoothing, reduction)
-    return out.reshape(labels.shape) if reduction == "none" else out
 
 
 class DistillLoss(torch.nn.Module):
@@ -520,33 +404,9 @@ class DistillLoss(torch.nn.Module):
 
     def __init__(self, temperature: float = 2.0, kd_weight: float = 1.0, ce_weight: float = 1.0, ignore_index=-100):
         super().__init__()
-        _check(temperature)
-        self.temperature, self.kd_weight, self.ce_weight = temperature, kd_weight, ce_weight
+        self.temperature, self.kd_weight, self.ce_weight = check.temperature(temperature), kd_weight, ce_weight
         self.ignore_index = ignore_index
 
     def forward(self, student_logits, teacher_logits, labels=None, kd_mask=None) -> DistillLossOutput:
         return distill_loss(student_logits, teacher_logits, labels, kd_mask, self.temperature, self.kd_weight,
                             self.ce_weight, self.ignore_index)  # fmt: skip
-
-
-class KDLoss(torch.nn.Module):
-    """Module form of `kd_loss`."""
-
-    def __init__(self, temperature: float = 2.0):
-        super().__init__()
-        _check(temperature)
-        self.temperature = temperature
-
-    def forward(self, student_logits, teacher_logits, kd_mask=None) -> torch.Tensor:
-        return kd_loss(student_logits, teacher_logits, kd_mask, self.temperature)
-
-
-class CrossEntropyLoss(torch.nn.Module):
-    """Module form of `cross_entropy`."""
-
-    def __init__(self, ignore_index: int = -100, label_smoothing: float = 0.0, reduction: str = "mean"):
-        super().__init__()
-        self.ignore_index, self.label_smoothing, self.reduction = ignore_index, label_smoothing, reduction
-
-    def forward(self, logits, labels) -> torch.Tensor:
-        return cross_entropy(logits, labels, self.ignore_index, self.label_smoothing, self.reduction)

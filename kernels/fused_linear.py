@@ -143,7 +143,7 @@ def fused_linear_distill_fwd(
     return loss, kd, ce, grads
 
 
-class FusedLinearDistillFunction(torch.autograd.Function):
+class FusedLinearDistillLossFunction(torch.autograd.Function):
     """Autograd wrapper: the forward computes loss and gradients together, the backward scales them."""
 
     @staticmethod
@@ -224,7 +224,7 @@ def fused_linear_distill_loss(
         bytes_per_logit = dtype_s.itemsize + (0 if teacher_hidden is None else dtype_t.itemsize)
         budget = DEFAULT_MEMORY_BUDGET_BYTES if memory_budget_bytes is None else memory_budget_bytes
         chunk_size = chunk_rows(n, v, bytes_per_logit, budget)
-    loss, kd, ce = FusedLinearDistillFunction.apply(
+    loss, kd, ce = FusedLinearDistillLossFunction.apply(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
         kd_mask, temperature, kd_weight, ce_weight, label_smoothing, ignore_index, chunk_size, dtype_s, dtype_t,
         torch.is_grad_enabled(),

@@ -16,18 +16,15 @@ block stays in registers between the passes. Reductions are fp32; outputs take t
 Entries of −inf give y = 0 (log: −inf); a row of only −inf gives NaN, as in torch.
 """
 
-import math
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
+from kernels import _contract as check
 from kernels._dispatch import use_triton
 from kernels._tiles import round_to, row_tiles
 from kernels.reference import softmax_backward_reference, softmax_reference
-
-_KERNEL_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
 @triton.jit
@@ -185,15 +182,26 @@ def softmax_bwd(y: torch.Tensor, dy: torch.Tensor, temperature: float, log: bool
     return dx.view(y.shape)
 
 
+def softmax_rows(x: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
+    """softmax(x/T) or log_softmax(x/T) over the last dim: the kernel where `use_triton` says so, else the reference."""
+    if use_triton(x):
+        return softmax_fwd(x, temperature, log)
+    return softmax_reference(x, temperature, log)
+
+
+def softmax_rows_backward(y: torch.Tensor, dy: torch.Tensor, temperature: float, log: bool) -> torch.Tensor:
+    """Input gradient from the forward output y and the upstream gradient dy, dispatched like `softmax_rows`."""
+    if use_triton(y, dy):
+        return softmax_bwd(y, dy, temperature, log)
+    return softmax_backward_reference(y, dy, temperature, log)
+
+
 class SoftmaxFunction(torch.autograd.Function):
     """softmax(x/T) or log_softmax(x/T) over the last dim; saves the output, like torch."""
 
     @staticmethod
     def forward(ctx, x, temperature, log):
-        if use_triton(x) and x.dtype in _KERNEL_DTYPES:
-            y = softmax_fwd(x, temperature, log)
-        else:
-            y = softmax_reference(x, temperature, log)
+        y = softmax_rows(x, temperature, log)
         ctx.save_for_backward(y)
         ctx.temperature, ctx.log = temperature, log
         return y
@@ -202,14 +210,7 @@ class SoftmaxFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, dy):
         (y,) = ctx.saved_tensors
-        if use_triton(y, dy) and y.dtype in _KERNEL_DTYPES:
-            return softmax_bwd(y, dy, ctx.temperature, ctx.log), None, None
-        return softmax_backward_reference(y, dy, ctx.temperature, ctx.log), None, None
-
-
-def _check_temperature(temperature: float) -> None:
-    if not (isinstance(temperature, (int, float)) and 0 < temperature < math.inf):
-        raise ValueError(f"temperature must be a finite number > 0, got {temperature!r}")
+        return softmax_rows_backward(y, dy, ctx.temperature, ctx.log), None, None
 
 
 def softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
@@ -222,14 +223,12 @@ def softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     Returns:
         (..., V) in x's dtype, contiguous; reductions in fp32.
     """
-    _check_temperature(temperature)
-    return SoftmaxFunction.apply(x, temperature, False)
+    return SoftmaxFunction.apply(x, check.temperature(temperature), False)
 
 
 def log_softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log_softmax(x / T) over the last dim; shapes, dtypes and errors as `softmax`."""
-    _check_temperature(temperature)
-    return SoftmaxFunction.apply(x, temperature, True)
+    return SoftmaxFunction.apply(x, check.temperature(temperature), True)
 
 
 class Softmax(torch.nn.Module):
@@ -237,8 +236,7 @@ class Softmax(torch.nn.Module):
 
     def __init__(self, temperature: float = 1.0):
         super().__init__()
-        _check_temperature(temperature)
-        self.temperature = temperature
+        self.temperature = check.temperature(temperature)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return softmax(x, self.temperature)

@@ -9,19 +9,10 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
-from kernels import (
-    CrossEntropyLoss,
-    DistillLoss,
-    KDLoss,
-    cross_entropy,
-    distill_loss,
-    kd_ce_rows,
-    kd_loss,
-)
-from kernels._tiles import row_tiles
+from kernels import cross_entropy, distill_loss, kd_ce_rows, kd_loss
 from kernels.reference import kd_ce_rows_reference
+from tests.kernels.common import NoHostSync, make_rows
 from tests.kernels.tolerances import DTYPES, TOL, assert_accuracy_rule, max_err
 
 # (N, V, T, ε): V = 1, below and above one block, not multiples of it; N = 4097 only with a tiny V.
@@ -35,17 +26,6 @@ SHAPES = [
     (2, 65537, 0.5, 0.0),
     (1, 262144, 2.0, 0.0),
 ]
-
-
-def make_rows(n, v, dtype, device, seed=0, scale=3.0):
-    """Student/teacher logits of `dtype`, labels with ~30% ignored (-100), a KD mask with ~70% rows."""
-    g = torch.Generator().manual_seed(seed)
-    s = (torch.randn(n, v, generator=g) * scale).to(dtype).to(device)
-    t = (torch.randn(n, v, generator=g) * scale).to(dtype).to(device)
-    y = torch.randint(0, v, (n,), generator=g)
-    y[torch.rand(n, generator=g) < 0.3] = -100
-    m = torch.rand(n, generator=g) < 0.7
-    return s, t, y.to(device), m.to(device)
 
 
 def torch_rows(s, t, y, m, temperature, eps, kd_scale, ce_scale):
@@ -117,42 +97,6 @@ def test_distill_loss_accuracy_rule(impl, dtype):
     loss_truth.backward()
     assert_accuracy_rule(out.loss, loss_same.detach(), loss_truth.detach(), dtype, "loss")
     assert_accuracy_rule(s1.grad, same.grad, truth.grad, dtype, "grad")
-
-
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("eps", [0.0, 0.1])
-def test_cross_entropy_matches_torch(impl, reduction, eps):
-    s, _, y, _ = make_rows(41, 1271, torch.float32, impl)
-    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
-    ours = cross_entropy(s1, y, label_smoothing=eps, reduction=reduction)
-    ref = F.cross_entropy(s2, y, label_smoothing=eps, reduction=reduction)
-    upstream = torch.randn_like(ref)  # per row for 'none': each row's gradient must take its own factor
-    (ours * upstream).sum().backward()
-    (ref * upstream).sum().backward()
-    torch.testing.assert_close(ours, ref, **TOL[torch.float32])
-    torch.testing.assert_close(s1.grad, s2.grad, atol=1e-7, rtol=1e-5)
-    module = CrossEntropyLoss(label_smoothing=eps, reduction=reduction)
-    torch.testing.assert_close(module(s, y), ref.detach(), **TOL[torch.float32])
-
-
-def test_cross_entropy_keeps_leading_dims(impl):
-    s, _, y, _ = make_rows(6, 50, torch.float32, impl)
-    ours = cross_entropy(s.view(2, 3, 50), y.view(2, 3), reduction="none")
-    assert ours.shape == (2, 3)
-    torch.testing.assert_close(ours.view(-1), F.cross_entropy(s, y, reduction="none"), **TOL[torch.float32])
-
-
-def test_kd_loss_matches_kl_div(impl):
-    s, t, _, m = make_rows(23, 517, torch.float32, impl)
-    s1, s2 = s.clone().requires_grad_(), s.clone().requires_grad_()
-    ours = kd_loss(s1, t, m, temperature=2.0)
-    ref = F.kl_div(F.log_softmax(s2[m] / 2, -1), F.softmax(t[m] / 2, -1), reduction="batchmean") * 4
-    (ours * 3.0).backward()
-    (ref * 3.0).backward()
-    torch.testing.assert_close(ours, ref, **TOL[torch.float32])
-    torch.testing.assert_close(s1.grad, s2.grad, atol=1e-7, rtol=1e-5)
-    torch.testing.assert_close(KDLoss(2.0)(s, t, m), ref.detach(), **TOL[torch.float32])
-    torch.testing.assert_close(DistillLoss(2.0, 1.0, 0.0)(s, t, None, m).loss, ref.detach(), **TOL[torch.float32])
 
 
 def test_true_class_gradient_formed_in_fp32(impl):
@@ -287,19 +231,10 @@ def test_temperature_must_be_positive(impl, temperature):
         kd_ce_rows(s, t, y, m, temperature)
 
 
-class _NoHostSync(TorchDispatchMode):
-    """Fails on any op that copies a device scalar to the host (.item(), bool(tensor), int(tensor))."""
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        if func in (torch.ops.aten._local_scalar_dense.default, torch.ops.aten.is_nonzero.default):
-            raise AssertionError(f"host sync: {func}")
-        return func(*args, **(kwargs or {}))
-
-
 def test_no_host_sync_in_forward_or_backward(impl):
     s, t, y, m = make_rows(9, 300, torch.bfloat16, impl)
     s1 = s.clone().requires_grad_()
-    with _NoHostSync():
+    with NoHostSync():
         out = distill_loss(s1, t, y, m, kd_weight=2.0)
         out.loss.backward()
         cross_entropy(s1, y).backward()
@@ -333,16 +268,6 @@ def test_out_of_range_label_poisons_the_loss(triton_impl):
     y[1] = 10
     _, ce, _ = kd_ce_rows(s, t, y, m, 2.0, 1.0, 1.0)
     assert ce[1].isnan() and not ce[[0, 2]].isnan().any()
-
-
-@pytest.mark.parametrize("v", [1, 7, 2048, 2049, 4096, 4097, 30522, 262144])
-@pytest.mark.parametrize("dtype", DTYPES, ids=str)
-def test_launch_heuristic_is_a_pure_function(v, dtype):
-    block_n, block, num_warps = row_tiles(v, dtype)
-    assert (block_n, block, num_warps) == row_tiles(v, dtype)
-    assert block & (block - 1) == 0 and block_n & (block_n - 1) == 0 and num_warps in (1, 2, 4, 8, 16)
-    assert block_n * block * dtype.itemsize <= 8192 and block_n <= 64
-    assert block >= min(v, 8192 // dtype.itemsize)  # rows wider than the block loop, narrower ones fit in one
 
 
 @pytest.mark.gpu
