@@ -16,6 +16,10 @@ ours holds less). A provider cell reads
 
 Plots (time and peak memory against each shape dimension, one line per provider, log-log) go next to the JSON, in
 `benchmarks/results/<run file name>/`. Without matplotlib the tables are written and the plots skipped.
+
+Files written by `python -m benchmarks.gpu_check` (`"kind": "gpu_check"`) are reported first, in their own section:
+every such run listed, and for the latest run of each device its correctness counts, each headline figure beside its
+prediction, and each DESIGN.md target with whether it is met.
 """
 
 import argparse
@@ -337,8 +341,9 @@ def _rel(path: Path, start: Path) -> str:
         return path.resolve().as_posix()
 
 
-def render(runs: list[Run], out: Path = RESULTS_MD, plots: bool = True) -> str:
-    """The RESULTS.md text for `runs` (the latest run of each device gets tables and plots)."""
+def render(runs: list[Run], out: Path = RESULTS_MD, plots: bool = True, checks: list | None = None) -> str:
+    """The RESULTS.md text for `runs` (the latest run of each device gets tables and plots) and gpu_check `checks`."""
+    checks = checks or []
     out_dir = out.parent
     lines = [
         "# Benchmark results",
@@ -347,8 +352,10 @@ def render(runs: list[Run], out: Path = RESULTS_MD, plots: bool = True) -> str:
         "How to run the benchmarks and read these tables: `benchmarks/README.md`.",
         "",
     ]
-    if not any(r.is_gpu for r in runs):
+    if not any(r.is_gpu for r in runs) and not any(c.is_gpu for c in checks):
         lines += [NO_GPU_RUN, ""]
+    if checks:
+        lines += render_checks(checks, out_dir)
     if not runs:
         return "\n".join(lines)
     lines += [
@@ -389,22 +396,168 @@ def render(runs: list[Run], out: Path = RESULTS_MD, plots: bool = True) -> str:
 
 
 def discover(results_dir: Path = RESULTS_DIR, include_cpu: bool = False) -> list[Run]:
-    """Every run in `results_dir`; CPU runs (smoke checks, not measurements) only with `include_cpu`."""
-    runs = [load_run(p) for p in sorted(Path(results_dir).glob("*.json"))]
+    """Every pytest-benchmark run in `results_dir`; CPU runs (smoke checks, not measurements) with `include_cpu`."""
+    runs = [load_run(p) for p in sorted(Path(results_dir).glob("*.json")) if not is_gpu_check(p)]
     return [r for r in runs if include_cpu or r.device.get("type") != "cpu"]
+
+
+# ---- gpu_check runs -------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Check:
+    """One `python -m benchmarks.gpu_check` file."""
+
+    path: Path
+    data: dict
+
+    @property
+    def device(self) -> dict:
+        return self.data.get("device") or {}
+
+    @property
+    def is_gpu(self) -> bool:
+        return self.device.get("type") == "cuda" and not self.data.get("dry_run")
+
+    @property
+    def name(self) -> str:
+        return self.device.get("name") or "unknown device"
+
+    @property
+    def datetime(self) -> str:
+        return self.data.get("datetime") or ""
+
+
+def is_gpu_check(path: str | Path) -> bool:
+    try:
+        return json.loads(Path(path).read_text()).get("kind") == "gpu_check"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def load_check(path: str | Path) -> Check:
+    return Check(Path(path), json.loads(Path(path).read_text()))
+
+
+def discover_checks(results_dir: Path = RESULTS_DIR, include_cpu: bool = False) -> list[Check]:
+    """Every gpu_check file in `results_dir`; dry runs (CPU) only with `include_cpu`."""
+    checks = [load_check(p) for p in sorted(Path(results_dir).glob("*.json")) if is_gpu_check(p)]
+    return [c for c in checks if include_cpu or c.is_gpu]
+
+
+def _ms(e: dict) -> str:
+    if e.get("median_ms") is None:
+        return "—"
+    half = e.get("iqr_ms", 0) / 2 / e["median_ms"] if e["median_ms"] else 0
+    return f"{_num(e['median_ms'])} ±{_pct(half)}"
+
+
+def _figure(e: dict) -> str:
+    parts = []
+    if "GB_per_s" in e:
+        parts.append(
+            f"{_num(e['GB_per_s'])} GB/s"
+            + (f" ({_pct(e['GB_per_s_of_copy'])} of copy)" if e.get("GB_per_s_of_copy") is not None else "")
+        )
+    if "tokens_per_s" in e:
+        parts.append(f"{_num(e['tokens_per_s'] / 1e3)}k tok/s" + (f" · MFU {_pct(e['MFU'])}" if "MFU" in e else ""))
+    elif "TFLOP_per_s" in e:
+        parts.append(f"{_num(e['TFLOP_per_s'])} TFLOP/s")
+    return "<br>".join(parts) or "—"
+
+
+def _check_summary(c: Check) -> str:
+    s = c.data.get("summary") or {}
+    text = (f"{s.get('passed', 0)} passed, {s.get('failed', 0)} failed, {s.get('errors', 0)} errors, "
+            f"{s.get('skipped', 0)} skipped")  # fmt: skip
+    return text + ("" if s.get("correctness_ok") else " — **failed**")
+
+
+def render_checks(checks: list[Check], out_dir: Path) -> list[str]:
+    """The gpu_check section: every run listed; the latest per device in full."""
+    lines = [
+        "## GPU checks (`python -m benchmarks.gpu_check`)",
+        "",
+        "| file | device | date (UTC) | commit | torch | triton | status | correctness | copy GB/s | matmul TFLOP/s |",
+        "|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for c in sorted(checks, key=lambda c: c.datetime, reverse=True):
+        d, v = c.device, c.device.get("versions") or {}
+        ceil = c.data.get("ceilings") or {}
+        bw, mm = (ceil.get("copy") or {}).get("GB_per_s"), (ceil.get("matmul") or {}).get("TFLOP_per_s")
+        what = c.name + (f" (sm {d['capability']}, driver {d.get('driver') or '?'})" if d.get("capability") else "")
+        what += " · dry run" if c.data.get("dry_run") else ""
+        commit = (d.get("commit") or "?")[:10] + (" (dirty)" if d.get("dirty") else "")
+        cells = [f"[{c.path.name}]({_rel(c.path, out_dir)})", what, c.datetime[:16].replace("T", " "), commit,
+                 v.get("torch") or "?", v.get("triton") or "?", c.data.get("status") or "?", _check_summary(c),
+                 _num(bw) if bw else "—", _num(mm) if mm else "—"]  # fmt: skip
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    latest: dict[str, Check] = {}
+    for c in sorted(checks, key=lambda c: c.datetime):
+        latest[c.name] = c
+    for c in sorted(latest.values(), key=lambda c: c.name):
+        lines += [f"### {c.name} — {c.datetime[:10]} (`{c.path.name}`)", ""]
+        if not c.is_gpu:
+            lines += ["A dry run (CPU, kernels in Triton's interpreter): it checks the code path only.", ""]
+        tests = c.data.get("gpu_tests") or {}
+        counts = ", ".join(f"{n} {k}" for k, n in (tests.get("counts") or {}).items())
+        lines += [f"Correctness: {_check_summary(c)}; `pytest -m gpu tests`: {tests.get('status', '?')}"
+                  + (f" ({counts})" if counts else "") + ".", ""]  # fmt: skip
+        failures = (c.data.get("summary") or {}).get("failures") or []
+        if failures:
+            lines += ["Failed or errored: " + ", ".join(f"`{f}`" for f in failures) + ".", ""]
+        lines += [
+            "| headline | provider | median ms ±IQR/2 | predicted ms | measured ÷ predicted | figure | peak |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for key, h in (c.data.get("headlines") or {}).items():
+            shape = ", ".join(f"{k}={v}" for k, v in (h.get("shape") or {}).items())
+            label = f"{key} ({shape})" if shape else key
+            providers = h.get("providers") or {}
+            if not providers:
+                lines.append(f"| {label} | — | {h.get('status', '?')} | | | | |")
+            for p, e in providers.items():
+                if e.get("status") != "measured":
+                    lines.append(f"| {label} | {p} | {e.get('status', '?')} | | | | |")
+                    continue
+                mop = e.get("measured_over_predicted")
+                peak = _mem(e["peak_MB"]) if e.get("peak_MB") is not None else "—"
+                lines.append(
+                    f"| {label} | {p} | {_ms(e)} | {_num(e.get('predicted_ms'))} | "
+                    f"{_ratio(mop) + '×' if mop else '—'} | {_figure(e)} | {peak} |"
+                )
+        lines += [
+            "",
+            "| DESIGN.md target | value | target | met | miss (measured ÷ predicted) |",
+            "|---|---|---|---|---|",
+        ]
+        for t in c.data.get("targets") or []:
+            value = t.get("value")
+            met = {True: "yes", False: "**no**", None: "—"}[t.get("met")]
+            miss = " ".join(x for x in (t.get("miss"), f"({t['why']})" if t.get("why") else None) if x)
+            shown = _num(value) if isinstance(value, (int, float)) else "—"
+            lines.append(f"| {t.get('what')} | {shown} | {t.get('target')} | {met} | {miss} |")
+        lines.append("")
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.report", description=__doc__.splitlines()[0])
-    parser.add_argument("files", nargs="*", help="run JSON files (default: every GPU run in benchmarks/results/)")
+    parser.add_argument("files", nargs="*", help="run or gpu_check JSON files (default: every GPU run in results/)")
     parser.add_argument("--out", type=Path, default=RESULTS_MD, help="markdown file to write")
     parser.add_argument("--results-dir", type=Path, default=RESULTS_DIR, help="where runs are found by default")
     parser.add_argument("--include-cpu", action="store_true", help="also report CPU runs found in --results-dir")
     parser.add_argument("--no-plots", action="store_true", help="tables only")
     args = parser.parse_args(argv)
-    runs = [load_run(f) for f in args.files] if args.files else discover(args.results_dir, args.include_cpu)
-    args.out.write_text(render(runs, args.out, plots=not args.no_plots))
-    print(f"wrote {args.out} ({len(runs)} run(s))")
+    if args.files:
+        checks = [load_check(f) for f in args.files if is_gpu_check(f)]
+        runs = [load_run(f) for f in args.files if not is_gpu_check(f)]
+    else:
+        runs = discover(args.results_dir, args.include_cpu)
+        checks = discover_checks(args.results_dir, args.include_cpu)
+    args.out.write_text(render(runs, args.out, plots=not args.no_plots, checks=checks))
+    print(f"wrote {args.out} ({len(runs)} run(s), {len(checks)} gpu check(s))")
     return 0
 
 
