@@ -53,7 +53,7 @@ from engine.config import ModelConfig
 from engine.loop import autocast, make_optimizer
 from engine.masking import mask_tokens
 from engine.model import MaskedLM
-from engine.objectives import PretrainObjective, to_device
+from engine.objectives import PretrainObjective, device_batch
 from engine.options import MaskingOptions, ObjectiveOptions, OptimOptions
 from engine.scaler import StepGuard
 
@@ -228,7 +228,7 @@ def setup_e2e(
         guard = StepGuard(make_optimizer(student.parameters(), optim_opts, device), None, optim_opts.clip)
 
         def loss() -> torch.Tensor:
-            b = to_device(input_ids, attention_mask, device)
+            b = device_batch(input_ids, attention_mask, device)
             with autocast(device, precision):
                 return objective(b)[0]
 

@@ -15,15 +15,9 @@ Saving goes through `atomic_directory`: everything is written to a hidden siblin
 with one rename, so a crash leaves either the old checkpoint or the new one, never a mixture.
 """
 
-import contextlib
-import ctypes
-import ctypes.util
 import json
-import os
 import re
 import shutil
-import uuid
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -31,6 +25,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
+from engine.atomic import atomic_directory
 from engine.config import ModelConfig
 from engine.model import Encoder, build_model, head_of
 
@@ -139,7 +134,11 @@ for _arch, _map in FROM_HF.items():
 # Keys of the base model: written with the `bert.`/`distilbert.` prefix by head models. Heads are never prefixed.
 BASE_PREFIXES = {"bert": ("embeddings.", "encoder.", "pooler."), "distilbert": ("embeddings.", "transformer.")}
 # Which of our parameters belong to which head.
-HEAD_PARAMS = {"mlm": ("lm_head.",), "classification": ("pooler.", "classifier."), "qa": ("qa_outputs.",)}
+HEAD_PARAMS = {"mlm": ("lm_head.",), "classification": ("classifier.",), "qa": ("qa_outputs.",)}
+# Parameter groups a checkpoint may lack as a whole, each then initialized afresh (as transformers does): the head
+# asked for, and the pooler (BERT's belongs to the base model, yet BertForMaskedLM checkpoints have none; DistilBERT's
+# pre_classifier belongs to its classification head). A group present only in part is a broken checkpoint.
+OPTIONAL_GROUPS = ("pooler.",)
 _LAYER = re.compile(r"\.(\d+)\.")
 
 
@@ -322,12 +321,13 @@ def _map_checkpoint(
         else:
             state[ours], source[ours] = tensor, key
     missing = [k for k in expected if k not in state and not (report.tied and k == "lm_head.decoder.weight")]
-    # A head absent from the file as a whole is initialized afresh; a head half there is a broken checkpoint.
-    head_params = [k for k in expected if head is not None and k.startswith(HEAD_PARAMS[head])]
-    head_needed = [k for k in head_params if not (report.tied and k == "lm_head.decoder.weight")]
-    if head_needed and all(k in missing for k in head_needed):
-        report.initialized = head_needed
-        missing = [k for k in missing if k not in head_needed]
+    # A group absent from the file as a whole is initialized afresh; a group half there is a broken checkpoint.
+    groups = [HEAD_PARAMS[head]] if head is not None else []
+    for prefixes in [*groups, OPTIONAL_GROUPS]:
+        group = [k for k in expected if k.startswith(prefixes) and not (report.tied and k == "lm_head.decoder.weight")]
+        if group and all(k in missing for k in group):
+            report.initialized += group
+            missing = [k for k in missing if k not in group]
     if config.sinusoidal_pos_embds and "encoder.embeddings.position_embeddings.weight" in missing:
         missing.remove("encoder.embeddings.position_embeddings.weight")  # a fixed table: computed, not learned
         report.initialized.append("encoder.embeddings.position_embeddings.weight")
@@ -427,70 +427,6 @@ def load_state_into(model: torch.nn.Module, path: str | Path) -> LoadReport:
 
 
 # ---- saving --------------------------------------------------------------------------------------------------------
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Atomically swap two paths with Linux renameat2(RENAME_EXCHANGE); False where that is unavailable.
-
-    With it, `path` always names a complete checkpoint, even for a crash between the two renames that a plain
-    rename-away/rename-in needs (see `man 2 rename`).
-    """
-    libc_name = ctypes.util.find_library("c")
-    if libc_name is None:
-        return False
-    libc = ctypes.CDLL(libc_name, use_errno=True)
-    renameat2 = getattr(libc, "renameat2", None)
-    if renameat2 is None:
-        return False
-    AT_FDCWD, RENAME_EXCHANGE = -100, 2
-    rc = renameat2(AT_FDCWD, os.fsencode(a), AT_FDCWD, os.fsencode(b), RENAME_EXCHANGE)
-    return rc == 0  # EINVAL on file systems without exchange support: fall back
-
-
-@contextlib.contextmanager
-def atomic_directory(path: str | Path) -> Iterator[Path]:
-    """Build a directory atomically: yields an empty temporary sibling to fill; on success it replaces `path`.
-
-    Files are fsynced before the swap and the parent directory after it, so after a crash `path` holds either its
-    previous contents or the complete new ones. An existing `path` is swapped out (atomically where the OS
-    allows, else renamed away first) and deleted. On an exception inside the block the temporary directory is
-    removed and `path` is untouched.
-    """
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise NotADirectoryError(f"{path} exists and is not a directory: remove it or choose another output path")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tag = f"{os.getpid()}-{uuid.uuid4().hex[:8]}"
-    tmp = path.parent / f".{path.name}.tmp-{tag}"
-    tmp.mkdir()
-    try:
-        yield tmp
-        for root, _, files in os.walk(tmp):
-            for name in files:
-                _fsync(Path(root) / name)
-            _fsync(Path(root))
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if path.exists():
-        if not _exchange(tmp, path):
-            old = path.parent / f".{path.name}.old-{tag}"
-            os.rename(path, old)
-            os.rename(tmp, path)
-            tmp = old
-        _fsync(path.parent)
-        shutil.rmtree(tmp, ignore_errors=True)  # now the old checkpoint
-    else:
-        os.rename(tmp, path)
-        _fsync(path.parent)
 
 
 def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:

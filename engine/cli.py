@@ -1,132 +1,174 @@
-"""`distill`: the command line, generated from the option dataclasses (`distill COMMAND --help`).
+"""`distill`: the command line. Every command is registered the same way, from its option dataclasses
+(`engine.options`), and runs the same way: options built (defaults ← profile ← --config file ← flags), the
+command's function called, its report's `interrupted` turned into exit code 130. Bad input ends in one line,
+`distill COMMAND: error: …`, and exit code 2.
 
-distill pretrain       DistilBERT-recipe distillation (no arguments: the bundled default pipeline)
-distill adapt-head     give an encoder-only checkpoint an MLM head (makes the bundled teacher)
-distill init-student   make a student from teacher layers (BERT → DistilBERT or shallower BERT)
+Nothing here imports torch: `distill --help` answers at once; a command imports its module when it runs.
 """
 
 import argparse
 import sys
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from engine import defaults
-from engine.options import add_options, build_options
-
-# The bundled default: sizes that finish on a 2-core CPU in about five minutes (README: "Quick start").
-DEMO_TEACHER_RUN = "minilm-l6-mlm"
-DEMO_ADAPT = {"steps": 60, "batch_size": 16, "max_seq_len": 64, "lr": 1e-2, "log_every": 10, "eval_batches": 10}
-DEMO_PRETRAIN = {
-    "student_num_layers": 3,
-    "steps": 150,
-    "batch_size": 16,
-    "max_seq_len": 64,
-    # The vocabulary head on masked rows only: on a CPU it would otherwise cost more than both encoders.
-    "restrict_ce_to_mask": True,
-    # The bundled teacher predicts little beyond token frequency (MiniLM is a sentence-embedding
-    # model); masking weighted toward rare tokens would set its KD signal against the MLM term.
-    "mlm_smoothing": 0.0,
-    "log_every": 10,
-    "eval_every": 50,
-    "eval_batches": 10,
-    "out": "runs/pretrain",
-}
+from engine.options import (
+    ADAPT_SECTIONS,
+    FINETUNE_SECTIONS,
+    INIT_STUDENT_SECTIONS,
+    PRETRAIN_SECTIONS,
+    TASK_SECTIONS,
+    add_options,
+    build_options,
+)
 
 
-def _parser() -> argparse.ArgumentParser:
-    from engine.pretrain import ADAPT_SECTIONS, SECTIONS
+def _pretrain(args: argparse.Namespace) -> dict:
+    from engine.pretrain import bundled_teacher, pretrain
 
-    parser = argparse.ArgumentParser(prog="distill", description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    p = sub.add_parser("pretrain", help="distill a student with the DistilBERT triple loss")
-    p.add_argument("--config", help="JSON or TOML file with options (sections or flat keys); flags win")
-    add_options(p, *SECTIONS)
-    p = sub.add_parser("adapt-head", help="train the MLM head of an encoder-only checkpoint")
-    p.add_argument("--config", help="JSON or TOML file with options; flags win")
-    add_options(p, *ADAPT_SECTIONS)
-    p = sub.add_parser("init-student", help="initialize a student from teacher layers")
-    p.add_argument("--teacher", required=True, help="teacher checkpoint folder (Hugging Face layout)")
-    p.add_argument("--out", required=True, help="folder for the student checkpoint")
-    p.add_argument("--layers", type=int, nargs="+", help="teacher layers to copy (default: spread evenly)")
-    p.add_argument("--num-layers", type=int, help="student depth (default: half the teacher's)")
-    p.add_argument("--arch", choices=("distilbert", "bert"), default="distilbert", help="student architecture")
-    p.add_argument(
-        "--fold-token-type",
-        action="store_true",
-        help="add the teacher's token-type-0 embedding to the positions (DistilBERT has none), so that the "
-        "student's outputs equal the chosen teacher layers'; the original DistilBERT drops it",
+    bundled = args.teacher is None
+    profile = dict(defaults.DEMO_PRETRAIN) if bundled else {}
+    if args.data is None:
+        profile["data"] = [str(defaults.bbc_news_dir())]
+    options = build_options(args, *PRETRAIN_SECTIONS, profile=profile)
+    if bundled:
+        options[0].teacher = str(bundled_teacher(options[-1]))
+    return pretrain(*options)
+
+
+def _adapt_head(args: argparse.Namespace) -> dict:
+    from engine.pretrain import adapt_head
+
+    profile = {**defaults.DEMO_ADAPT, "out": "runs/adapt-head"}
+    if args.model is None:
+        profile["model"] = str(defaults.bundled_teacher_dir())
+    if args.data is None:
+        profile["data"] = [str(defaults.bbc_news_dir())]
+    return adapt_head(*build_options(args, *ADAPT_SECTIONS, profile=profile))
+
+
+def _bundled_task(args: argparse.Namespace, fields: tuple[str, ...]) -> bool:
+    """The no-argument default applies when none of the models and data are named (other flags may be)."""
+    if not all(getattr(args, f, None) is None for f in fields):
+        return False
+    if getattr(args, "task", None) not in (None, "classification"):
+        raise ValueError(
+            f"the bundled default is BBC News classification; for --task {args.task} give its data and models "
+            f"({' / '.join('--' + f for f in fields)})"
+        )
+    return True
+
+
+def _finetune(args: argparse.Namespace) -> dict:
+    from engine.finetune import finetune
+
+    profile = {**defaults.FINETUNE_PROFILE, "out": "runs/finetune", "model": str(defaults.bundled_teacher_dir())}
+    if _bundled_task(args, ("model", "data")):
+        profile.update(defaults.DEMO_TASK_TEACHER, task="classification", data=[str(defaults.bbc_news_dir())])
+    return finetune(*build_options(args, *FINETUNE_SECTIONS, profile=profile))
+
+
+def _task(args: argparse.Namespace) -> dict:
+    from engine.finetune import bundled_teacher, distill_task
+
+    profile = {**defaults.FINETUNE_PROFILE, "out": "runs/task"}
+    bundled = _bundled_task(args, ("teacher", "student", "data"))
+    if bundled:
+        profile.update(defaults.DEMO_TASK, task="classification", student_from=str(defaults.bundled_teacher_dir()),
+                       data=[str(defaults.bbc_news_dir())])  # fmt: skip
+    opts, data, kd, optim, run = build_options(args, *TASK_SECTIONS, profile=profile)
+    if bundled:
+        opts.teacher = str(bundled_teacher(data, run))
+    return distill_task(opts, data, kd, optim, run)
+
+
+def _init_student(args: argparse.Namespace) -> dict:
+    from engine.student import init_student
+
+    (o,) = build_options(args, *INIT_STUDENT_SECTIONS)
+    if not o.teacher or not o.out:
+        raise ValueError("--teacher and --out are required")
+    path = init_student(o.teacher, o.out, layers=o.layers or None, num_layers=o.num_layers or None, arch=o.arch,
+                        fold_token_type=o.fold_token_type)  # fmt: skip
+    print(f"student written to {path}")
+    return {"student": str(path)}
+
+
+@dataclass
+class Command:
+    name: str
+    help: str  # one line in `distill --help`
+    sections: tuple  # the option dataclasses, in --help order
+    run: Callable[[argparse.Namespace], dict]  # → report; {"interrupted": True, ...} when stopped by a signal
+    profile: dict | None = None  # the command's own defaults, shown in --help
+    note: str = ""  # what running with no arguments does
+
+
+_DEMO_PRETRAIN_NOTE = (
+    "With no --teacher: the bundled demo (MiniLM teacher with a head trained once, BBC News) with its CPU profile: "
+    + ", ".join(f"{k} {v}" for k, v in defaults.DEMO_PRETRAIN.items() if k != "out")
+    + "."
+)
+COMMANDS = [
+    Command("pretrain", "distill a student with the DistilBERT triple loss (no arguments: the bundled demo)",
+            PRETRAIN_SECTIONS, _pretrain, note=_DEMO_PRETRAIN_NOTE),
+    Command("adapt-head", "train the MLM head of an encoder-only checkpoint (makes the bundled teacher)",
+            ADAPT_SECTIONS, _adapt_head, {**defaults.DEMO_ADAPT, "out": "runs/adapt-head"},
+            "With no --model/--data: the bundled MiniLM on BBC News."),
+    Command("init-student", "initialize a student from teacher layers (BERT -> DistilBERT or shallower BERT)",
+            INIT_STUDENT_SECTIONS, _init_student),
+    Command("finetune", "fine-tune a checkpoint for classification or QA (makes teachers; no arguments: the demo)",
+            FINETUNE_SECTIONS, _finetune, {**defaults.FINETUNE_PROFILE, "out": "runs/finetune"},
+            "With no --model/--data: MiniLM on BBC News with " + ", ".join(
+                f"{k} {v}" for k, v in defaults.DEMO_TASK_TEACHER.items()) + "."),
+    Command("task", "task-specific distillation from a fine-tuned teacher (no arguments: the bundled demo)",
+            TASK_SECTIONS, _task, {**defaults.FINETUNE_PROFILE, "out": "runs/task"},
+            "With no --teacher/--student/--data: the bundled story (MiniLM teacher fine-tuned once on BBC News, "
+            "a 3-layer student, a baseline without a teacher) with " + ", ".join(
+                f"{k} {v}" for k, v in defaults.DEMO_TASK.items() if k != "out") + "."),
+]  # fmt: skip
+
+
+def build_parser() -> argparse.ArgumentParser:
+    summary = "\n".join(f"  {c.name:<13} {c.help}" for c in COMMANDS)
+    parser = argparse.ArgumentParser(
+        prog="distill",
+        description=f"Knowledge distillation of BERT-family models on custom kernels.\n\ncommands:\n{summary}\n\n"
+        "`distill COMMAND --help` lists a command's options with their defaults.",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    from engine import finetune
-
-    finetune.register(sub)  # `finetune` and `task`: each sets `func` (argparse.Namespace → exit code)
+    parser.add_argument("--debug", action="store_true", help="show the full traceback of an error")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for c in COMMANDS:
+        p = sub.add_parser(c.name, description=c.help + ("\n\n" + c.note if c.note else ""),
+                           formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+        if c.sections != INIT_STUDENT_SECTIONS:
+            p.add_argument("--config", help="JSON or TOML file with options (sections or flat keys); flags win")
+        add_options(p, *c.sections, profile=c.profile)
+        p.set_defaults(command_spec=c)
     return parser
 
 
-def _bundled_teacher(args) -> Path:
-    """The bundled MiniLM with a trained MLM head, made once and cached."""
-    from engine.pretrain import ADAPT_SECTIONS, adapt_head
-
-    run_dir = defaults.cache_dir() / DEMO_TEACHER_RUN
-    model_dir = run_dir / "model"
-    if (model_dir / "config.json").is_file():
-        print(f"bundled teacher: {model_dir} (cached)")
-        return model_dir
-    print(f"bundled teacher: training an MLM head for all-MiniLM-L6-v2 once, cached in {run_dir}")
-    profile = {
-        **DEMO_ADAPT,
-        "model": str(defaults.bundled_teacher_dir()),
-        "data": [str(defaults.bbc_news_dir())],
-        "out": str(run_dir),
-        "overwrite": True,
-        "device": args.device or "auto",
-        "progress": args.progress if args.progress is not None else True,
-    }
-    adapt_head(*build_options(argparse.Namespace(), *ADAPT_SECTIONS, profile=profile))
-    return model_dir
-
-
 def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # --help (0) or a usage error, already printed in one line (2)
+        return int(e.code or 0)
     if args.command is None:
         parser.print_help()
         return 0
     try:
-        if hasattr(args, "func"):
-            return args.func(args)
-        if args.command == "pretrain":
-            from engine.pretrain import SECTIONS, pretrain
-
-            profile = {}
-            if args.teacher is None:  # the bundled default pipeline
-                profile = {**DEMO_PRETRAIN, "teacher": str(_bundled_teacher(args))}
-            if args.data is None:
-                profile["data"] = [str(defaults.bbc_news_dir())]
-            report = pretrain(*build_options(args, *SECTIONS, profile=profile))
-            return 130 if report.get("interrupted") else 0
-        if args.command == "adapt-head":
-            from engine.pretrain import ADAPT_SECTIONS, adapt_head
-
-            profile = {**DEMO_ADAPT, "out": "runs/adapt-head"}
-            if args.model is None:
-                profile["model"] = str(defaults.bundled_teacher_dir())
-            if args.data is None:
-                profile["data"] = [str(defaults.bbc_news_dir())]
-            report = adapt_head(*build_options(args, *ADAPT_SECTIONS, profile=profile))
-            return 130 if report.get("interrupted") else 0
-        if args.command == "init-student":
-            from engine.student import init_student
-
-            path = init_student(
-                args.teacher, args.out, layers=args.layers, num_layers=args.num_layers, arch=args.arch,
-                fold_token_type=args.fold_token_type,
-            )  # fmt: skip
-            print(f"student written to {path}")
-            return 0
+        report = args.command_spec.run(args)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
     except (ValueError, OSError, ImportError) as e:  # our input errors; anything else keeps its traceback
+        if args.debug:
+            raise
         print(f"distill {args.command}: error: {e}", file=sys.stderr)
         return 2
-    parser.error(f"unknown command {args.command}")
-    return 2
+    return 130 if report.get("interrupted") else 0
 
 
 if __name__ == "__main__":

@@ -104,11 +104,6 @@ class ModelConfig:
             self.label2id = {str(k): int(v) for k, v in self.label2id.items()}
 
     @property
-    def head_dim(self) -> int:
-        """Width of one attention head."""
-        return self.hidden_size // self.num_heads
-
-    @property
     def classifier_dropout_p(self) -> float:
         """Dropout before the sequence classifier, with BERT's fallback to hidden_dropout resolved."""
         return self.hidden_dropout if self.classifier_dropout is None else self.classifier_dropout

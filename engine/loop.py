@@ -25,10 +25,8 @@ from typing import Protocol
 import torch
 
 from engine.checkpoint import atomic_directory, load_state_into, save_model
-from engine.options import OptimOptions, RunOptions
+from engine.options import PRECISIONS, OptimOptions, RunOptions
 from engine.scaler import DynamicLossScaler, StepGuard, lr_at
-
-PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
 
 def resolve_device(name: str) -> torch.device:

@@ -38,7 +38,7 @@ def smoothing_weights(
     the original's `np.maximum(counts, 1)`), giving unseen ids the largest weight rather than inf.
 
     Args:
-        counts: (V,) integer or float token counts (`engine.data.token_counts`).
+        counts: (V,) integer or float token counts (`engine.corpus.token_counts`).
         exponent: the smoothing exponent (`mlm_smoothing`, 0.7 in the recipe; 0 gives uniform).
         special_token_ids: ids whose weight is set to 0 (never chosen).
 

@@ -1,7 +1,21 @@
-"""Run configuration: one dataclass per concern, each field with a one-line help (torchtitan's
-`job_config.py` sections). The CLI is generated from these classes; a JSON or TOML file given with
-`--config` sets the same fields (section name → dataclass, e.g. `[objective] temperature = 4.0`),
-and flags on the command line win over the file.
+"""Run configuration: one dataclass per concern, each field with a one-line help (torchtitan's `job_config.py`
+sections). The CLI is generated from these classes; a JSON or TOML file given with `--config` sets the same fields
+(section name → dataclass, e.g. `[objective] temperature = 4.0`, or flat keys), and flags win over the file.
+
+Commands and their sections (each tuple is a command's whole configuration, in `--help` order):
+    pretrain      PRETRAIN_SECTIONS   model, data, masking, objective, optim, run
+    adapt-head    ADAPT_SECTIONS      adapt, data, masking, optim, run
+    finetune      FINETUNE_SECTIONS   finetune, taskdata, optim, run
+    task          TASK_SECTIONS       task, taskdata, kd, optim, run
+    init-student  INIT_STUDENT_SECTIONS
+
+Names: the pretraining flags keep the names of the original DistilBERT code, which users of the paper know, though
+two of them say "ce" for the *distillation* term: `--alpha-ce` is the weight of the KD term (KL at temperature T)
+and `--restrict-ce-to-mask` restricts the *KD* rows to the masked positions. Inside the engine those are called
+`kd_weight` and `kd_masked_only` (`ObjectiveOptions.kd_weight` / `.kd_masked_only`), and the kernels' `ce_weight`
+always means the hard-label cross-entropy (the MLM term here, weighted by `--alpha-mlm`).
+
+This module imports neither torch nor transformers, so `distill --help` answers at once.
 """
 
 import argparse
@@ -13,11 +27,35 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 
-def opt(default, help: str):
-    """A dataclass field with its CLI help."""
+def opt(default, help: str, choices: tuple | None = None):
+    """A dataclass field with its CLI help (and, for a closed set of values, its choices)."""
+    meta = {"help": help, "choices": choices}
     if isinstance(default, list | tuple | dict):
-        return field(default_factory=lambda: type(default)(default), metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=lambda: type(default)(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+TASKS = ("classification", "qa")
+ARCHS = ("distilbert", "bert")
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
+
+
+# ---- pretraining (distill pretrain, distill adapt-head) -------------------------------------------------------------
+
+
+@dataclass
+class ModelOptions:
+    teacher: str = opt("", "teacher checkpoint folder with an MLM head (default: the bundled MiniLM, head adapted)")
+    student: str = opt("", "student checkpoint folder (default: initialized from teacher layers)")
+    student_arch: str = opt("distilbert", "architecture of a student made from the teacher", ARCHS)
+    student_layers: list[int] = opt([], "teacher layers the student starts from (default: spread evenly)")
+    student_num_layers: int = opt(0, "depth of a student made from the teacher (0: half the teacher's)")
+
+
+@dataclass
+class AdaptOptions:
+    model: str = opt("", "encoder-only checkpoint to give an MLM head (default: the bundled MiniLM)")
+    train_encoder: bool = opt(False, "train the encoder too (frozen by default: only the head learns)")
 
 
 @dataclass
@@ -50,6 +88,17 @@ class ObjectiveOptions:
     restrict_ce_to_mask: bool = opt(False, "KD only on masked positions instead of all non-pad ones")
     fused_head: bool = opt(True, "LM-head-fused loss (no [tokens x vocab] logits); off: project then loss")
 
+    # The engine's names for the two flags that say "ce" for the distillation term (module docstring).
+    @property
+    def kd_weight(self) -> float:
+        """Weight of the KD term (`--alpha-ce`)."""
+        return self.alpha_ce
+
+    @property
+    def kd_masked_only(self) -> bool:
+        """KD rows are the masked positions only (`--restrict-ce-to-mask`)."""
+        return self.restrict_ce_to_mask
+
 
 @dataclass
 class OptimOptions:
@@ -66,7 +115,7 @@ class OptimOptions:
 @dataclass
 class RunOptions:
     out: str = opt("runs/pretrain", "output folder (checkpoints, student, metrics, report)")
-    precision: str = opt("auto", "auto (bf16 on capable CUDA, fp32 on CPU), bf16, fp16 (dynamic loss scaling) or fp32")
+    precision: str = opt("auto", "auto: bf16 on capable CUDA, fp32 on CPU; fp16 uses dynamic loss scaling", PRECISIONS)
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     seed: int = opt(0, "seed of data order, masking, dropout and initialization")
     compile: bool = opt(False, "torch.compile the student and teacher encoders")
@@ -77,6 +126,79 @@ class RunOptions:
     resume: bool = opt(False, "continue the run in --out from its last checkpoint")
     overwrite: bool = opt(False, "replace whatever run --out holds")
     progress: bool = opt(True, "show a progress bar")
+
+
+# ---- task-specific fine-tuning and distillation (distill finetune, distill task) -------------------------------------
+
+
+@dataclass
+class FinetuneOptions:
+    task: str = opt("classification", "the task's head and data format", TASKS)
+    model: str = opt("", "checkpoint to fine-tune (Hugging Face BERT/DistilBERT folder); default: the bundled MiniLM")
+    latency_iters: int = opt(10, "batch-1 forward passes timed for the latency figure (0: no speed figures)")
+
+
+@dataclass
+class TaskOptions:
+    task: str = opt("classification", "the task's head and data format", TASKS)
+    teacher: str = opt("", "fine-tuned teacher checkpoint with the task's head (make one with `distill finetune`)")
+    student: str = opt("", "student checkpoint (default: initialized from --student-from's layers)")
+    student_from: str = opt("", "checkpoint a student is initialized from without --student (default: the teacher)")
+    student_arch: str = opt("distilbert", "architecture of an initialized student", ARCHS)
+    student_num_layers: int = opt(0, "depth of an initialized student (0: half of --student-from's)")
+    baseline: bool = opt(True, "also fine-tune the same student without a teacher, for the report")
+    latency_iters: int = opt(10, "batch-1 forward passes timed per model for the latency figure (0: no speed figures)")
+
+
+@dataclass
+class TaskDataOptions:
+    data: list[str] = opt(
+        [], "training data: csv/tsv/json/jsonl, a save_to_disk folder or <dir>/<label>/*.txt; qa: a SQuAD v1.1 JSON"
+    )
+    validation_data: list[str] = opt([], "validation data in the same form (default: split off --data)")
+    validation_fraction: float = opt(0.2, "share of --data held out for validation when --validation-data is not given")
+    split_seed: int = opt(0, "seed of that split (kept apart from --seed so a teacher never sees the student's split)")
+    text_column: str = opt("text", "column holding the text (csv/json/datasets)")
+    label_column: str = opt("label", "column holding the label name (csv/json/datasets)")
+    max_seq_len: int = opt(0, "tokens per sequence or QA window, special tokens included (0: 128, qa 384)")
+    batch_size: int = opt(32, "sequences (QA: windows) per micro-batch, in training and evaluation")
+    epochs: float = opt(0.0, "passes over the training data; > 0 sets --steps from it")
+    doc_stride: int = opt(128, "qa: context tokens shared by consecutive windows (0: one window, long contexts fail)")
+    max_query_len: int = opt(64, "qa: questions are cut to this many tokens")
+    max_answer_len: int = opt(30, "qa: longest predicted answer in tokens")
+    n_best: int = opt(20, "qa: top start and end positions paired per window when decoding")
+
+
+@dataclass
+class KDOptions:
+    alpha: float = opt(0.5, "classification: weight α of the label cross-entropy; the KD term gets 1 − α")
+    alpha_ce: float = opt(0.5, "qa: weight of the KD term on start and end logits")
+    alpha_qa: float = opt(0.5, "qa: weight of the start/end cross-entropy")
+    temperature: float = opt(2.0, "softmax temperature T of the KD term")
+
+
+# ---- student initialization (distill init-student) ------------------------------------------------------------------
+
+
+@dataclass
+class InitStudentOptions:
+    teacher: str = opt("", "teacher checkpoint folder (Hugging Face layout)")
+    out: str = opt("", "folder for the student checkpoint")
+    layers: list[int] = opt([], "teacher layers to copy (default: spread evenly, 12 -> 6 is 0 2 4 7 9 11)")
+    num_layers: int = opt(0, "student depth (0: half the teacher's)")
+    arch: str = opt("distilbert", "student architecture", ARCHS)
+    fold_token_type: bool = opt(
+        False,
+        "add the teacher's token-type-0 embedding to the positions (DistilBERT has none), so that the student's "
+        "outputs equal the chosen teacher layers'; the original DistilBERT drops it",
+    )
+
+
+PRETRAIN_SECTIONS = (ModelOptions, DataOptions, MaskingOptions, ObjectiveOptions, OptimOptions, RunOptions)
+ADAPT_SECTIONS = (AdaptOptions, DataOptions, MaskingOptions, OptimOptions, RunOptions)
+FINETUNE_SECTIONS = (FinetuneOptions, TaskDataOptions, OptimOptions, RunOptions)
+TASK_SECTIONS = (TaskOptions, TaskDataOptions, KDOptions, OptimOptions, RunOptions)
+INIT_STUDENT_SECTIONS = (InitStudentOptions,)
 
 
 def _flag_type(tp):
@@ -93,19 +215,40 @@ def _flag_type(tp):
     return tp, None, False
 
 
-def add_options(parser: argparse.ArgumentParser, *sections: type, positional: str | None = None) -> None:
-    """Add one flag per field of each dataclass in `sections` (`--max-seq-len`, `--no-progress`)."""
+def add_options(parser: argparse.ArgumentParser, *sections: type, profile: dict | None = None) -> None:
+    """Add one flag per field of each dataclass in `sections` (`--max-seq-len`, `--no-progress`); each help line
+    ends with the default, or the default that `profile` (the command's own settings) puts in its place."""
     for section in sections:
         group = parser.add_argument_group(section.__name__.removesuffix("Options").lower())
         hints = typing.get_type_hints(section)
         for f in dataclasses.fields(section):
             tp, nargs, is_bool = _flag_type(hints[f.name])
             name = "--" + f.name.replace("_", "-")
-            help_ = f.metadata.get("help", "")
+            help_ = _help(f.metadata.get("help", ""), _default(f, profile)).replace("%", "%%")
             if is_bool:
                 group.add_argument(name, dest=f.name, action=argparse.BooleanOptionalAction, default=None, help=help_)
             else:
-                group.add_argument(name, dest=f.name, type=tp, nargs=nargs, default=None, help=help_)
+                choices = f.metadata.get("choices")
+                metavar = None if choices else f.name.upper()
+                group.add_argument(
+                    name, dest=f.name, type=tp, nargs=nargs, default=None, help=help_, choices=choices, metavar=metavar
+                )
+
+
+def _default(f: dataclasses.Field, profile: dict | None):
+    if profile and f.name in profile:
+        return profile[f.name]
+    return f.default if f.default is not dataclasses.MISSING else f.default_factory()
+
+
+def _help(text: str, value) -> str:
+    """The help line with its default; an empty default whose meaning the text already gives ("default: …") is
+    not repeated as "none"."""
+    if isinstance(value, list):
+        value = " ".join(map(str, value))
+    if value == "":
+        return text if "default" in text else f"{text} (default: none)"
+    return f"{text} (default: {value})"
 
 
 def _load_config_file(path: str) -> dict:
@@ -139,14 +282,48 @@ def build_options(args: argparse.Namespace, *sections: type, profile: dict | Non
         values = dict(profile or {})
         values.update({k: v for k, v in file_cfg.items() if not isinstance(v, dict)})
         values.update(file_cfg.get(section.__name__.removesuffix("Options").lower(), {}))
+        hints = typing.get_type_hints(section)
         kwargs = {}
         for f in dataclasses.fields(section):
             if getattr(args, f.name, None) is not None:
                 kwargs[f.name] = getattr(args, f.name)
             elif f.name in values:
-                kwargs[f.name] = values[f.name]
+                kwargs[f.name] = _checked(f.name, values[f.name], hints[f.name], f.metadata.get("choices"))
         out.append(section(**kwargs))
     return out
+
+
+def _checked(name: str, value, tp, choices):
+    """A value from a config file or profile, checked against the field's type (ints stay whole: 2.5 steps is an
+    error, not 2) and choices; a clear error names the option, the value and what it needs."""
+    inner, nargs, is_bool = _flag_type(tp)
+    flag = "--" + name.replace("_", "-")
+
+    def one(v):
+        if is_bool:
+            ok = isinstance(v, bool)
+        elif inner is int:
+            ok = (isinstance(v, int) and not isinstance(v, bool)) or (isinstance(v, float) and v.is_integer())
+            v = int(v) if ok else v
+        elif inner is float:
+            ok = isinstance(v, int | float) and not isinstance(v, bool)
+            v = float(v) if ok else v
+        else:
+            ok = isinstance(v, inner)
+        if not ok:
+            need = "true or false" if is_bool else {int: "a whole number", float: "a number", str: "a string"}[inner]
+            raise ValueError(f"config: {name} ({flag}) must be {need}, got {v!r}")
+        if choices and v not in choices:
+            raise ValueError(f"config: {name} ({flag}) must be one of {', '.join(map(str, choices))}, got {v!r}")
+        return v
+
+    if nargs:
+        if isinstance(value, str | int | float):
+            value = [value]
+        if not isinstance(value, list):
+            raise ValueError(f"config: {name} ({flag}) must be a list, got {value!r}")
+        return [one(v) for v in value]
+    return one(value)
 
 
 def to_dict(*options) -> dict:

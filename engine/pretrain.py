@@ -1,12 +1,14 @@
-"""`distill pretrain`: the DistilBERT recipe end to end (data → masking → triple loss → loop → report).
+"""`distill pretrain` and `distill adapt-head`: the DistilBERT recipe end to end (data → masking → triple loss →
+loop → report), and the MLM head an encoder-only teacher needs first.
 
-Setup order: output folder guard → teacher (frozen, eval, half precision on GPUs) → student (given,
-or initialized from teacher layers) → tokenizer and corpus (cached) → held-out split → length-grouped
-batches → objective → `engine.loop.train` → final evaluation → report (JSON, table, PNG) → student
-exported in Hugging Face layout to `<out>/student`.
+Setup order of `pretrain`: teacher (frozen, eval, half precision on GPUs) → output folder guard → student (given,
+or initialized from teacher layers) → tokenizer and corpus (cached) → held-out split → length-grouped batches →
+objective (`engine.objectives.PretrainObjective`) → `engine.loop.train` → final evaluation
+(`engine.evaluate.evaluate_mlm`) → report (JSON, table, PNG) → student exported in Hugging Face layout to
+`<out>/student`. Shared setup pieces come from `engine.runs`.
 """
 
-import math
+import argparse
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -14,107 +16,43 @@ from pathlib import Path
 import torch
 
 from engine import checkpoint as ckpt
-from engine.data import LengthGroupedBatches, load_texts, load_tokenizer, split_heldout, token_counts, tokenize_corpus
-from engine.loop import GeneratorState, autocast, compute_dtype, resolve_device, resolve_precision, train
-from engine.masking import mask_tokens, smoothing_weights
+from engine import defaults
+from engine.atomic import write_json
+from engine.batching import LengthGroupedBatches
+from engine.corpus import load_texts, load_tokenizer, split_heldout, token_counts, tokenize_corpus
+from engine.evaluate import evaluate_mlm
+from engine.loop import GeneratorState, train
+from engine.masking import smoothing_weights
 from engine.model import count_parameters
-from engine.objectives import PretrainObjective, to_device
-from engine.options import DataOptions, MaskingOptions, ObjectiveOptions, OptimOptions, RunOptions, opt, to_dict
-from engine.report import format_table, plot_curves, prepare_out_dir, read_history, write_json
+from engine.objectives import PretrainObjective, device_batch
+from engine.options import (
+    ADAPT_SECTIONS,
+    AdaptOptions,
+    DataOptions,
+    MaskingOptions,
+    ModelOptions,
+    ObjectiveOptions,
+    OptimOptions,
+    RunOptions,
+    build_options,
+    to_dict,
+)
+from engine.report import format_table
+from engine.runs import (
+    check_lengths,
+    check_same_vocabulary,
+    describe,
+    interrupted,
+    load_frozen,
+    loss_summary,
+    maybe_compile,
+    prepare_out_dir,
+    setup,
+    skip_input_checks,
+    student_checkpoint,
+)
 
-
-@dataclass
-class ModelOptions:
-    teacher: str = opt("", "teacher checkpoint folder with an MLM head (default: the bundled MiniLM, head adapted)")
-    student: str = opt("", "student checkpoint folder (default: initialized from teacher layers)")
-    student_arch: str = opt("distilbert", "architecture of a student made from the teacher: distilbert or bert")
-    student_layers: list[int] = opt([], "teacher layers the student starts from (default: spread evenly)")
-    student_num_layers: int = opt(0, "depth of a student made from the teacher (default: half the teacher's)")
-
-
-SECTIONS = (ModelOptions, DataOptions, MaskingOptions, ObjectiveOptions, OptimOptions, RunOptions)
-
-
-def load_teacher(path: str | Path, device: torch.device, dtype: torch.dtype):
-    if not ckpt.has_mlm_head(path):
-        raise ValueError(
-            f"teacher {path} has no MLM head (an encoder-only checkpoint); train one first with "
-            f"`distill adapt-head --model {path} --out TEACHER_DIR` and pass --teacher TEACHER_DIR"
-        )
-    teacher = ckpt.load_model(path, head="mlm", dtype=dtype, device=device)[0]
-    teacher.eval().requires_grad_(False)
-    return teacher
-
-
-def check_same_vocabulary(teacher_dir: Path, student_dir: Path, teacher, student) -> None:
-    """Distillation compares distributions over one vocabulary: sizes and tokenizer files must agree."""
-    if teacher.config.vocab_size != student.config.vocab_size:
-        raise ValueError(
-            f"vocabulary mismatch: teacher has {teacher.config.vocab_size} tokens, student "
-            f"{student.config.vocab_size}; the student must use the teacher's tokenizer"
-        )
-    for name in ("vocab.txt", "tokenizer.json"):
-        a, b = Path(teacher_dir) / name, Path(student_dir) / name
-        if a.is_file() and b.is_file() and a.read_bytes() != b.read_bytes():
-            raise ValueError(
-                f"tokenizer mismatch: {name} differs between teacher {teacher_dir} and student {student_dir}"
-            )
-
-
-@torch.no_grad()
-def evaluate_mlm(models: dict, batches, special_ids, mask_id, masking: MaskingOptions, device, precision, seed=1234):
-    """Held-out masked-token accuracy and perplexity of each model on fixed masks (the same at every
-    evaluation); with two models (teacher, student) also their top-1 agreement on masked tokens and
-    the mean cosine of their last hidden states on real tokens."""
-    modes = {name: m.training for name, m in models.items()}
-    for m in models.values():
-        m.eval()
-    vocab_size = next(iter(models.values())).config.vocab_size
-    gen = torch.Generator(device=device).manual_seed(seed)
-    correct = dict.fromkeys(models, 0)
-    nll = dict.fromkeys(models, 0.0)
-    agree = cos_sum = 0.0
-    n_masked = n_rows = 0
-    for ids, attn in batches:
-        b = to_device(ids, attn, device)
-        masked, labels = mask_tokens(
-            b.input_ids, b.attention_mask, special_ids, mask_id, vocab_size,
-            mlm_probability=masking.mlm_probability, mask_replace=masking.mask_replace,
-            random_replace=masking.random_replace, generator=gen,
-        )  # fmt: skip
-        flat = labels.reshape(-1)
-        sel = (flat != -100).nonzero().squeeze(1)
-        y = flat[sel]
-        preds, hidden = {}, {}
-        with autocast(device, precision):
-            for name, model in models.items():
-                h = model.encoder(masked, b.attention_mask).last_hidden_state.flatten(0, 1)  # (B·L, H)
-                hidden[name] = h.index_select(0, b.rows).float()  # (N, H)
-                logits = model.lm_head(h[sel])
-                logits = logits.float()  # (M, V)
-                preds[name] = logits.argmax(-1)
-                correct[name] += (preds[name] == y).sum().item()
-                nll[name] += torch.nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        if len(models) == 2:
-            (p1, p2), (h1, h2) = preds.values(), hidden.values()
-            agree += (p1 == p2).sum().item()
-            cos_sum += torch.nn.functional.cosine_similarity(h1, h2, dim=-1).sum().item()
-        n_masked += y.numel()
-        n_rows += b.rows.numel()
-    for name, m in models.items():
-        m.train(modes[name])
-    out = {
-        name: {
-            "mlm_accuracy": correct[name] / max(n_masked, 1),
-            "perplexity": math.exp(min(nll[name] / max(n_masked, 1), 50.0)),
-        }
-        for name in models
-    }
-    if len(models) == 2:
-        out["top1_agreement"] = agree / max(n_masked, 1)
-        out["hidden_cosine"] = cos_sum / max(n_rows, 1)
-    out["masked_tokens"] = n_masked
-    return out
+LOSS_KEYS = ("loss", "kd", "mlm", "cos")
 
 
 @dataclass
@@ -144,8 +82,8 @@ def prepare_corpus(tokenizer_dir, data: DataOptions, masking: MaskingOptions, ru
     train_seqs, heldout = split_heldout(sequences, fraction=data.heldout_fraction, seed=run.seed)
     if not train_seqs or not heldout:
         raise ValueError(
-            f"{data.data}: {len(sequences)} usable sequences are too few for a train and a held-out split; "
-            "give more text or lower --min-seq-len"
+            f"{', '.join(data.data)}: {len(sequences)} usable sequences are too few for a train and a held-out "
+            "split; give more text or lower --min-seq-len"
         )
     pad_id = tokenizer.pad_token_id
     batches = LengthGroupedBatches(train_seqs, batch_size=data.batch_size, pad_id=pad_id, seed=run.seed)
@@ -168,7 +106,7 @@ def _train_and_report(model, objective_fn, corpus: Corpus, models_for_eval: dict
     mask_id = corpus.tokenizer.mask_token_id
 
     def step_loss(batch):
-        return objective_fn(to_device(batch.input_ids, batch.attention_mask, device))
+        return objective_fn(device_batch(batch.input_ids, batch.attention_mask, device))
 
     def evaluate(step):
         return evaluate_mlm(
@@ -183,64 +121,33 @@ def _train_and_report(model, objective_fn, corpus: Corpus, models_for_eval: dict
     return result, (None if result.interrupted else evaluate(result.step))
 
 
-def _interrupted(result, out: Path) -> dict:
-    print(f"interrupted at step {result.step}; checkpoint saved in {out / 'checkpoint'}; continue with --resume")
-    return {"interrupted": True, "step": result.step}
-
-
-def _loss_summary(out: Path) -> dict:
-    history = read_history(out / "metrics.jsonl")
-    curve = plot_curves(history, out / "loss_curve.png")
-    lines = [h for h in history if "loss" in h]
-    return {
-        "first_loss": lines[0]["loss"] if lines else None,
-        "last_loss": lines[-1]["loss"] if lines else None,
-        "loss_curve": str(curve) if curve else None,
-    }
-
-
 def pretrain(model_opts: ModelOptions, data: DataOptions, masking: MaskingOptions, objective: ObjectiveOptions,
              optim: OptimOptions, run: RunOptions) -> dict:  # fmt: skip
     """Run the DistilBERT distillation recipe; returns the report (also written to `<out>/report.json`)."""
-    device = resolve_device(run.device)
-    precision = resolve_precision(run.precision, device)
-    torch.manual_seed(run.seed)
+    device, precision = setup(run)
     if not model_opts.teacher or not data.data:
         raise ValueError("--teacher and --data are required (the no-argument default pipeline sets both)")
     record = to_dict(model_opts, data, masking, objective, optim, run)
     teacher_dir = Path(model_opts.teacher)
-    # Teacher weights in half precision on GPUs (no master copy: it is never updated).
-    teacher_dtype = compute_dtype(precision) if device.type == "cuda" else torch.float32
-    teacher = load_teacher(teacher_dir, device, teacher_dtype)
+    teacher = load_frozen(teacher_dir, "mlm", device, precision)
     out = prepare_out_dir(run.out, run.resume, run.overwrite, record)
-
-    if model_opts.student:
-        student_dir = Path(model_opts.student)
-    else:
-        from engine.student import init_student
-
-        student_dir = out / "student_init"
-        if not (student_dir / "config.json").is_file():
-            init_student(
-                teacher_dir, student_dir, layers=model_opts.student_layers or None,
-                num_layers=model_opts.student_num_layers or None, arch=model_opts.student_arch,
-            )  # fmt: skip
+    m = model_opts
+    student_dir = student_checkpoint(
+        m.student, teacher_dir, out, m.student_arch, m.student_num_layers, m.student_layers
+    )
     student = ckpt.load_model(student_dir, head="mlm", device=device)[0]
     check_same_vocabulary(teacher_dir, student_dir, teacher, student)
     corpus = prepare_corpus(teacher_dir, data, masking, run, out, student.config.vocab_size, device)
-    # prepare_corpus checked the tokenizer against the vocabulary: no per-forward id check (a host sync).
-    teacher.encoder.validate_inputs = student.encoder.validate_inputs = False
+    check_lengths(data.max_seq_len, corpus.tokenizer, teacher, student)
+    skip_input_checks(teacher, student)
     generator = torch.Generator(device=device).manual_seed(run.seed)
     objective_fn = PretrainObjective(
         teacher, student, objective, masking, corpus.special_ids, corpus.tokenizer.mask_token_id,
         corpus.token_weights, generator,
     )  # fmt: skip
-    if run.compile:
-        teacher.encoder = torch.compile(teacher.encoder)
-        student.encoder = torch.compile(student.encoder)
+    maybe_compile(run, teacher, student)
     print(
-        f"teacher {teacher_dir} ({count_parameters(teacher) / 1e6:.1f}M params, {teacher.config.num_layers} layers) -> "
-        f"student {student_dir} ({count_parameters(student) / 1e6:.1f}M, {student.config.num_layers} layers); "
+        f"teacher {teacher_dir} ({describe(teacher)}) -> student {student_dir} ({describe(student)}); "
         f"{corpus.n_train} train / {corpus.n_heldout} held-out sequences; {device} {precision}"
     )
     t0 = time.perf_counter()
@@ -249,7 +156,7 @@ def pretrain(model_opts: ModelOptions, data: DataOptions, masking: MaskingOption
         precision, teacher_dir, record, generator,
     )  # fmt: skip
     if result.interrupted:
-        return _interrupted(result, out)
+        return interrupted(result.step, out)
     ckpt.save_model(student, out / "student", tokenizer_dir=teacher_dir)
     t_acc, s_acc = final["teacher"]["mlm_accuracy"], final["student"]["mlm_accuracy"]
     report = {
@@ -263,7 +170,7 @@ def pretrain(model_opts: ModelOptions, data: DataOptions, masking: MaskingOption
         "train_seconds": round(time.perf_counter() - t0, 1),
         "device": str(device),
         "precision": precision,
-        **_loss_summary(out),
+        **loss_summary(out / "metrics.jsonl", out / "loss_curve.png", LOSS_KEYS),
     }
     write_json(out / "report.json", report)
     rows = [
@@ -281,22 +188,11 @@ def pretrain(model_opts: ModelOptions, data: DataOptions, masking: MaskingOption
     return report
 
 
-@dataclass
-class AdaptOptions:
-    model: str = opt("", "encoder-only checkpoint to give an MLM head (default: the bundled MiniLM)")
-    train_encoder: bool = opt(False, "train the encoder too (frozen by default: only the head learns)")
-
-
-ADAPT_SECTIONS = (AdaptOptions, DataOptions, MaskingOptions, OptimOptions, RunOptions)
-
-
 def adapt_head(adapt: AdaptOptions, data: DataOptions, masking: MaskingOptions, optim: OptimOptions,
                run: RunOptions) -> dict:  # fmt: skip
     """Train the MLM head (transform + decoder tied to the word embeddings) of an encoder-only
     checkpoint by masked language modelling; saves a teacher with a head to `<out>/model`."""
-    device = resolve_device(run.device)
-    precision = resolve_precision(run.precision, device)
-    torch.manual_seed(run.seed)
+    device, precision = setup(run)
     if not adapt.model or not data.data:
         raise ValueError("--model and --data are required (the no-argument default pipeline sets both)")
     record = to_dict(adapt, data, masking, optim, run)
@@ -306,7 +202,8 @@ def adapt_head(adapt: AdaptOptions, data: DataOptions, masking: MaskingOptions, 
         model.encoder.requires_grad_(False)  # the tied decoder is the word embedding: frozen with it
     out = prepare_out_dir(run.out, run.resume, run.overwrite, record)
     corpus = prepare_corpus(model_dir, data, masking, run, out, model.config.vocab_size, device)
-    model.encoder.validate_inputs = False
+    check_lengths(data.max_seq_len, corpus.tokenizer, model)
+    skip_input_checks(model)
     generator = torch.Generator(device=device).manual_seed(run.seed)
     mlm_only = ObjectiveOptions(alpha_ce=0.0, alpha_mlm=1.0, alpha_cos=0.0)
     objective_fn = PretrainObjective(
@@ -321,12 +218,32 @@ def adapt_head(adapt: AdaptOptions, data: DataOptions, masking: MaskingOptions, 
         model, objective_fn, corpus, {"model": model}, optim, run, out, device, precision, model_dir, record, generator
     )
     if result.interrupted:
-        return _interrupted(result, out)
+        return interrupted(result.step, out)
     ckpt.save_model(model, out / "model", tokenizer_dir=model_dir)
-    report = {"model": str(out / "model"), **final["model"], "steps": result.step, **_loss_summary(out)}
+    summary = loss_summary(out / "metrics.jsonl", out / "loss_curve.png", LOSS_KEYS)
+    report = {"model": str(out / "model"), **final["model"], "steps": result.step, **summary}
     write_json(out / "report.json", report)
     print(
         f"MLM head trained: held-out masked-token accuracy {100 * report['mlm_accuracy']:.2f}%, perplexity "
         f"{report['perplexity']:.1f}; teacher with head saved to {out / 'model'}"
     )
     return report
+
+
+def bundled_teacher(run: RunOptions) -> Path:
+    """The bundled MiniLM with a trained MLM head (`adapt_head` on BBC News), made once and cached."""
+    recipe = dict(defaults.DEMO_ADAPT)
+
+    def make(run_dir: Path) -> dict:
+        profile = {
+            **recipe,
+            "model": str(defaults.bundled_teacher_dir()),
+            "data": [str(defaults.bbc_news_dir())],
+            "out": str(run_dir),
+            "overwrite": True,
+            "device": run.device,
+            "progress": run.progress,
+        }
+        return adapt_head(*build_options(argparse.Namespace(), *ADAPT_SECTIONS, profile=profile))
+
+    return defaults.cached_model("minilm-l6-mlm", recipe, make, "training an MLM head for all-MiniLM-L6-v2")

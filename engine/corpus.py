@@ -1,6 +1,6 @@
-"""Pretraining data: local texts → token-id sequences → length-grouped, padded, resumable batches.
+"""Corpus reading and tokenizing: local texts → token-id sequences (batching lives in `engine.batching`).
 
-The DistilBERT recipe's data handling (see /work/shared/ANCHORS.md): each document is tokenized
+The DistilBERT recipe's data handling (the original `distillation/scripts` of transformers): each document is tokenized
 without special tokens, split on token boundaries into chunks of at most `max_seq_len - 2` tokens,
 each chunk wrapped as [CLS] … [SEP]; sequences shorter than `min_seq_len` (the original drops
 ≤ 11 tokens) are dropped; batches group sequences of similar length so that little compute goes to
@@ -18,9 +18,7 @@ Typical use (the training loop keeps `loader.state_dict()` in its checkpoint):
     tok = load_tokenizer(teacher_dir)
     seqs = tokenize_corpus(texts, tok, max_seq_len=128, cache_dir="cache/")
     train, heldout = split_heldout(seqs, fraction=0.05, seed=0)
-    loader = LengthGroupedBatches(train, batch_size=32, pad_id=tok.pad_token_id, seed=0)
-    for step in range(start_step, total_steps):
-        batch = loader.next_batch().to(device, non_blocking=True)  # crosses epochs as needed
+    loader = engine.batching.LengthGroupedBatches(train, batch_size=32, pad_id=tok.pad_token_id, seed=0)
 """
 
 from __future__ import annotations
@@ -29,12 +27,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+
+from engine.atomic import atomic_write
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +50,25 @@ _CACHE_FORMAT = 1  # bump when the cached layout or the splitting rule changes
 # ---------------------------------------------------------------------------------------------
 
 
-def _read_txt(path: Path) -> str:
+_non_utf8_noted = False
+
+
+def read_text_file(path: Path) -> str:
+    """A text file's contents: UTF-8, or Windows-1252 for a file that is not valid UTF-8.
+
+    Some public corpora hold a stray single-byte character (BBC News' sports/199.txt has a cp1252 "£", byte 0xA3);
+    cp1252 reads it as meant, and `replace` keeps its five undefined bytes from failing a whole corpus. The fallback
+    is noted once per process, naming the first such file, not once per file.
+    """
+    global _non_utf8_noted
     data = path.read_bytes()
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
-        # Some public corpora (BBC News among them) hold a stray Latin-1 byte such as 0xA3 (£);
-        # Latin-1 decodes every byte, so the document is kept rather than the whole corpus failing.
-        log.warning("%s is not valid UTF-8; decoded as Latin-1", path)
-        return data.decode("latin-1")
+        if not _non_utf8_noted:
+            _non_utf8_noted = True
+            log.warning("note: %s/%s is not valid UTF-8; read as Windows-1252 (said once)", path.parent.name, path.name)
+        return data.decode("cp1252", errors="replace")
 
 
 def _is_blank_file(path: Path) -> bool:
@@ -149,7 +158,7 @@ def load_texts(paths: PathLike | Sequence[PathLike], text_column: str = "text") 
                     raise ValueError(
                         f"no .txt files under directory {path}; pass .json/.jsonl/.csv files themselves ({_ACCEPTED})"
                     )
-                found = [t for t in (_read_txt(p) for p in files) if t.strip()]
+                found = [t for t in (read_text_file(p) for p in files) if t.strip()]
                 if len(found) < len(files):
                     log.info("%s: skipped %d blank .txt files", path, len(files) - len(found))
         else:
@@ -158,7 +167,7 @@ def load_texts(paths: PathLike | Sequence[PathLike], text_column: str = "text") 
                 raise ValueError(f"unknown data file extension {suffix!r} for {path} ({_ACCEPTED})")
             if _is_blank_file(path):
                 raise ValueError(f"data file is empty: {path}; remove it from the list or give it text")
-            found = [_read_txt(path)] if suffix == ".txt" else _load_with_datasets(path, text_column)
+            found = [read_text_file(path)] if suffix == ".txt" else _load_with_datasets(path, text_column)
         if not found:
             raise ValueError(f"no text found in {path} (all documents blank)")
         texts.extend(found)
@@ -292,18 +301,6 @@ def corpus_cache_key(texts: Sequence[str], tokenizer, max_seq_len: int, min_seq_
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
-def _save_atomic(obj: dict, path: Path) -> None:
-    # Write beside the target, then rename: a crash or a concurrent reader never sees half a file.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(obj, f)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def tokenize_corpus(
     texts: Sequence[str],
     tokenizer,
@@ -396,8 +393,8 @@ def tokenize_corpus(
         min_seq_len,
     )
     if cache_path is not None:
-        cache_path.parent.mkdir(parents=True, exist_ok=True)
-        _save_atomic({"key": key, "ids": ids, "offsets": offsets, "dropped": dropped}, cache_path)
+        obj = {"key": key, "ids": ids, "offsets": offsets, "dropped": dropped}
+        atomic_write(cache_path, lambda f: torch.save(obj, f))
     return seqs
 
 
@@ -436,200 +433,3 @@ def token_counts(sequences: Sequences | Sequence[Sequence[int]], vocab_size: int
     if ids.numel() and int(ids.max()) >= vocab_size:
         raise ValueError(f"token id {int(ids.max())} ≥ vocab_size={vocab_size}: wrong tokenizer or vocab size?")
     return torch.bincount(ids, minlength=vocab_size)
-
-
-# ---------------------------------------------------------------------------------------------
-# Batches
-# ---------------------------------------------------------------------------------------------
-
-
-@dataclass
-class Batch:
-    """A padded batch.
-
-    Attributes:
-        input_ids: (B, L) int64, padded with the pad id; L is a multiple of `pad_to_multiple`.
-        attention_mask: (B, L) int64, 1 for real tokens ([CLS] and [SEP] included), 0 for padding.
-    """
-
-    input_ids: torch.Tensor
-    attention_mask: torch.Tensor
-
-    def to(self, device: torch.device | str, non_blocking: bool = False) -> Batch:
-        return Batch(
-            self.input_ids.to(device, non_blocking=non_blocking),
-            self.attention_mask.to(device, non_blocking=non_blocking),
-        )
-
-    def pin_memory(self) -> Batch:
-        return Batch(self.input_ids.pin_memory(), self.attention_mask.pin_memory())
-
-
-def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    # A hash, not seed + epoch, so that (seed 0, epoch 1) and (seed 1, epoch 0) differ.
-    digest = hashlib.sha256(f"LengthGroupedBatches/{seed}/{epoch}".encode()).digest()
-    return torch.Generator().manual_seed(int.from_bytes(digest[:8], "little") >> 1)
-
-
-class LengthGroupedBatches:
-    """Length-grouped, padded batches; deterministic from (seed, epoch) and resumable mid-epoch.
-
-    An epoch's plan: shuffle all sequences; cut the shuffled order into mega-buckets of
-    `bucket_batches × batch_size` sequences; sort each bucket by length (longest first); cut it
-    into batches (`batch_size` sequences, fewer where `max_tokens` says so); shuffle the order of
-    all the epoch's batches. Sequences in a batch have similar lengths, so padding is small, while
-    the shuffles keep batches and their order random. Every sequence appears exactly once an epoch
-    (the last batch of a bucket may be smaller).
-
-    Two ways to consume it:
-      * step-based (the training loop): `next_batch()` returns the next batch and rolls into the
-        next epoch when one ends, forever;
-      * epoch-based: `for batch in loader` yields the rest of the current epoch, then advances the
-        epoch counter (a loop broken off early stays in its epoch).
-    Both advance the same position, so `state_dict()` taken after any batch, given to
-    `load_state_dict()` of a loader built on the same sequences and arguments, resumes with
-    exactly the batches that would have followed.
-
-    `shuffle=False` keeps the input order (buckets by position, no batch shuffle): for evaluation.
-    """
-
-    def __init__(
-        self,
-        sequences: Sequences | Sequence[Sequence[int]],
-        batch_size: int,
-        pad_id: int,
-        *,
-        max_tokens: int | None = None,
-        seed: int = 0,
-        bucket_batches: int = 100,
-        pad_to_multiple: int = 8,
-        shuffle: bool = True,
-        pin_memory: bool = False,
-    ):
-        """
-        Args:
-            sequences: N sequences (`Sequences` or lists of ids), N ≥ 1.
-            batch_size: the most sequences in a batch.
-            pad_id: the id written into padding.
-            max_tokens: if given, also cap a batch's padded size B × L at this many tokens (a
-                sequence longer than the budget still gets a batch of its own).
-            seed: the shuffling seed; epoch e's plan depends only on (seed, e).
-            bucket_batches: batches per mega-bucket; larger groups lengths tighter, smaller keeps
-                more randomness in which sequences share a batch.
-            pad_to_multiple: L is rounded up to a multiple of this (8 suits tensor cores).
-            shuffle: False gives a fixed, unshuffled order (evaluation).
-            pin_memory: return batches in pinned host memory (for non_blocking copies to CUDA).
-        """
-        self.seqs = as_sequences(sequences)
-        if len(self.seqs) == 0:
-            raise ValueError("no sequences to batch (empty corpus, or all sequences dropped as too short?)")
-        if batch_size < 1 or bucket_batches < 1 or pad_to_multiple < 1:
-            raise ValueError("batch_size, bucket_batches and pad_to_multiple must be ≥ 1")
-        self.batch_size = batch_size
-        self.pad_id = pad_id
-        self.max_tokens = max_tokens
-        self.seed = seed
-        self.bucket_batches = bucket_batches
-        self.pad_to_multiple = pad_to_multiple
-        self.shuffle = shuffle
-        self.pin_memory = pin_memory
-        self.epoch = 0  # the epoch being consumed
-        self.position = 0  # batches of `epoch` already handed out
-        self._lengths = self.seqs.lengths
-        self._plan_cache: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
-
-    # -- the plan ------------------------------------------------------------------------------
-
-    def _padded(self, n: int) -> int:
-        m = self.pad_to_multiple
-        return -(-n // m) * m
-
-    def _plan(self, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """(order (N,) int64, starts (nb,) int64, ends (nb,) int64): batch k is order[starts[k]:ends[k]]."""
-        if self._plan_cache is not None and self._plan_cache[0] == epoch:
-            return self._plan_cache[1:]
-        n = len(self.seqs)
-        g = _epoch_generator(self.seed, epoch)
-        order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
-        bucket = self.bucket_batches * self.batch_size
-        bucket_id = torch.arange(n) // bucket
-        lengths = self._lengths[order]
-        # One stable sort on (bucket, -length) sorts every bucket by length, longest first.
-        key = bucket_id * (int(lengths.max()) + 1) + (int(lengths.max()) - lengths)
-        order = order[torch.sort(key, stable=True).indices]
-        if self.max_tokens is None:
-            # Buckets hold a whole number of batches, so fixed-size cuts never straddle two.
-            starts = torch.arange(0, n, self.batch_size)
-            ends = (starts + self.batch_size).clamp_max(n)
-        else:
-            starts_l, ends_l = [], []
-            sorted_len = self._lengths[order].tolist()
-            for b0 in range(0, n, bucket):
-                b1 = min(b0 + bucket, n)
-                i = b0
-                while i < b1:
-                    # Longest first: the batch's first sequence sets its padded length.
-                    fit = max(1, self.max_tokens // self._padded(sorted_len[i]))
-                    j = min(i + min(fit, self.batch_size), b1)
-                    starts_l.append(i)
-                    ends_l.append(j)
-                    i = j
-            starts, ends = torch.tensor(starts_l), torch.tensor(ends_l)
-        if self.shuffle:
-            perm = torch.randperm(starts.numel(), generator=g)
-            starts, ends = starts[perm], ends[perm]
-        self._plan_cache = (epoch, order, starts, ends)
-        return order, starts, ends
-
-    def __len__(self) -> int:
-        """Batches in the current epoch (with `max_tokens` it can differ a little between epochs)."""
-        return self._plan(self.epoch)[1].numel()
-
-    # -- batches -------------------------------------------------------------------------------
-
-    def _collate(self, idx: torch.Tensor) -> Batch:
-        lens = self._lengths[idx]  # (B,)
-        width = self._padded(int(lens.max()))
-        pos = torch.arange(width)
-        mask = pos[None, :] < lens[:, None]  # (B, L)
-        src = (self.seqs.offsets[idx][:, None] + pos[None, :]).clamp_max(max(self.seqs.num_tokens - 1, 0))
-        input_ids = torch.where(mask, self.seqs.ids[src].long(), self.pad_id)  # (B, L) int64
-        batch = Batch(input_ids, mask.long())
-        return batch.pin_memory() if self.pin_memory and torch.cuda.is_available() else batch
-
-    def next_batch(self) -> Batch:
-        """The next batch, moving into the next epoch when the current one is used up (never ends)."""
-        order, starts, ends = self._plan(self.epoch)
-        if self.position >= starts.numel():
-            self.epoch += 1
-            self.position = 0
-            order, starts, ends = self._plan(self.epoch)
-        k = self.position
-        self.position += 1  # counted before the batch is used: a checkpoint taken now resumes after it
-        return self._collate(order[starts[k] : ends[k]])
-
-    def __iter__(self) -> Iterator[Batch]:
-        """The remaining batches of the current epoch; afterwards the epoch counter moves on."""
-        order, starts, ends = self._plan(self.epoch)
-        while self.position < starts.numel():
-            k = self.position
-            self.position += 1
-            yield self._collate(order[starts[k] : ends[k]])
-        self.epoch += 1
-        self.position = 0
-
-    # -- resumption ----------------------------------------------------------------------------
-
-    def state_dict(self) -> dict[str, int]:
-        """{epoch, position, seed, num_sequences}: where the next batch comes from."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_sequences": len(self.seqs)}
-
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        """Continue from `state`; the loader must be built on the same sequences and arguments."""
-        n = state.get("num_sequences", len(self.seqs))
-        if n != len(self.seqs):
-            raise ValueError(f"data state is for {n} sequences, this loader has {len(self.seqs)}: another corpus?")
-        self.seed = int(state["seed"])
-        self.epoch = int(state["epoch"])
-        self.position = int(state["position"])
-        self._plan_cache = None
