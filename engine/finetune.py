@@ -141,14 +141,20 @@ def _table(task: str, rows: list[tuple[str, dict]]) -> str:
     )
     header += ("latency ms (b=1)", "throughput /s")
     lines = []
+    shared = False
     for name, r in rows:
-        lat = "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.1f}"
-        rate = "-" if r.get("throughput") is None else f"{r['throughput']:.1f}"
+        mark = "*" if r.get("speed_of") else ""  # timed once for both: the same architecture
+        shared = shared or bool(mark)
+        lat = "-" if r.get("latency_ms") is None else f"{r['latency_ms']:.1f}{mark}"
+        rate = "-" if r.get("throughput") is None else f"{r['throughput']:.1f}{mark}"
         lines.append(
             (name, f"{r['parameters'] / 1e6:.1f}M", str(r["layers"]), str(r["hidden_size"]),
              *_fmt_metrics(task, r), lat, rate)
         )  # fmt: skip
-    return format_table(lines, header)
+    table = format_table(lines, header)
+    if shared:
+        table += "\n* the same architecture as the distilled student: one speed measurement serves both"
+    return table
 
 
 def _model_entry(path, model, metrics: dict, speed: dict) -> dict:
@@ -309,6 +315,8 @@ def distill_task(opts: TaskOptions, data: TaskDataOptions, kd: KDOptions, optim:
     rows = [("teacher", report["teacher"]), ("distilled student", report["distilled_student"])]
     if baseline is not None:
         report["baseline_student"] = _model_entry(out / "baseline_student", student, baseline["metrics"], s_speed)
+        if s_speed:
+            report["baseline_student"]["speed_of"] = "distilled_student"  # one architecture, timed once
         report["distilled_minus_baseline"] = distilled["metrics"][key] - baseline["metrics"][key]
         report["baseline_seconds"] = baseline["train_seconds"]
         rows.append(("student, no teacher", report["baseline_student"]))
