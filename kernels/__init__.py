@@ -12,7 +12,11 @@ and one naming ladder per family that no two layers share:
     cosine.py         _cosine_fwd_kernel → cosine_fwd → cosine_rows → CosineLossFunction → cosine_loss → CosineLoss
     fused_linear.py   LM-head-fused losses: fused_linear_distill_fwd → FusedLinearDistillLossFunction
                       → fused_linear_distill_loss, fused_linear_cross_entropy → FusedLinear{Distill,CrossEntropy}Loss
-    reference.py      the pure-PyTorch references (the contracts, the CPU path, the tests' oracle)
+    sparse_kd.py      KD+CE against stored top-K teacher targets (a teacher cache): _sparse_kd_ce_fwd_kernel
+                      → sparse_kd_ce_fwd → sparse_kd_ce_rows → SparseKDCELossFunction → sparse_distill_loss
+                      → SparseDistillLoss; sparse_targets makes the targets from teacher logits
+    reference.py      the pure-PyTorch references (the contracts, the CPU path, the tests' oracle); the sparse op's
+                      is reference_sparse.py
 
 and what they share, in private modules: `_contract` (the one input checker), `_dispatch` (where an op runs and the
 dtypes the kernels take), `_tiles` (the launch heuristic and the rounding store), `_grad` (the backward of every loss
@@ -34,6 +38,7 @@ from kernels.fused_linear import (
 )
 from kernels.kd import KDLoss, kd_loss
 from kernels.softmax import LogSoftmax, Softmax, log_softmax, softmax
+from kernels.sparse_kd import SparseDistillLoss, sparse_distill_loss, sparse_kd_ce_rows, sparse_targets
 
 __all__ = [
     "CosineLoss",
@@ -45,6 +50,7 @@ __all__ = [
     "KDLoss",
     "LogSoftmax",
     "Softmax",
+    "SparseDistillLoss",
     "cosine_loss",
     "cross_entropy",
     "distill_loss",
@@ -54,4 +60,7 @@ __all__ = [
     "kd_loss",
     "log_softmax",
     "softmax",
+    "sparse_distill_loss",
+    "sparse_kd_ce_rows",
+    "sparse_targets",
 ]
