@@ -58,6 +58,24 @@ def optional_tensor(name: str, x: object, **kw) -> torch.Tensor | None:
     return None if x is None else tensor(name, x, **kw)
 
 
+def logits(name: str, x: object) -> torch.Tensor:
+    """A floating (..., V) tensor with V ≥ 1: logits, or hidden states, whose last dim is the row."""
+    tensor(name, x, "float")
+    if x.dim() < 1 or x.shape[-1] < 1:
+        _fail(name, "a (..., V) tensor with V ≥ 1", _describe(x))
+    return x
+
+
+def like(name: str, x: object, ref: torch.Tensor, kind: str = "float") -> torch.Tensor:
+    """A tensor of ref's shape and device (a teacher beside its student)."""
+    return tensor(name, x, kind, shape=ref.shape, device=ref.device)
+
+
+def per_row(name: str, x: object, ref: torch.Tensor, kind: str) -> torch.Tensor | None:
+    """None, or one entry per row of the (..., V) tensor ref: shape ref.shape[:-1], on ref's device."""
+    return optional_tensor(name, x, kind=kind, shape=ref.shape[:-1], device=ref.device)
+
+
 def constant(name: str, x: torch.Tensor | None) -> None:
     """Teacher tensors are constants: a gradient into them would be silently dropped."""
     if x is not None and x.requires_grad:

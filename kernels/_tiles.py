@@ -28,11 +28,11 @@ def row_tiles(width: int, dtype: torch.dtype) -> tuple[int, int, int]:
 def round_to(x, DTYPE: tl.constexpr):
     """Cast fp32 `x` to DTYPE, rounding to nearest-even; the kernel files share it for every 16-bit store.
 
-    GPUs round fp32 → bf16 to nearest-even (cvt.rn), but Triton's CPU interpreter truncates (its `cast_impl`
-    converts with no rounding mode, in triton/runtime/interpreter.py), a full bf16 ulp of error that would make the
-    tests check something the GPU never computes. The integer form (c10's `round_to_nearest_even`) gives the same
-    bits on both, for a few integer ops per element in kernels bound by memory: add 0x7FFF plus the lowest kept bit
-    (ties to even), drop the low 16 bits. NaN is passed through: a NaN payload in the low bits could round to inf.
+    GPUs round fp32 → bf16 to nearest-even (cvt.rn), but Triton's CPU interpreter truncates (its cast applies no
+    rounding mode), a full bf16 ulp of error that would make the tests check something the GPU never computes. The
+    integer form (c10's `round_to_nearest_even`) gives the same bits on both, for a few integer ops per element in
+    kernels bound by memory: add 0x7FFF plus the lowest kept bit (ties to even), drop the low 16 bits. NaN is passed
+    through: a NaN payload in the low bits could round to inf.
     """
     if DTYPE == tl.bfloat16:
         bits = x.to(tl.uint32, bitcast=True)

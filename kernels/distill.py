@@ -12,18 +12,38 @@ Gradient with respect to s, using ∂ log softmax(s/T)_v / ∂s_u = (δ_uv − p
     ∂ce_row/∂s = q − (1−ε) onehot(y) − ε/V
     grad[n]    = kd_scale · T (p_s − p_t) + ce_scale · (q − (1−ε) onehot(y) − ε/V)
 
-kd_scale and ce_scale are the weights of the row terms in the caller's loss (weight / count for a mean). The
-losses form this gradient in forward; backward multiplies it in place by the upstream gradient, one more read and
-write of [N, V] unless that gradient is exactly 1, which `_scale_grad_kernel` detects on the device (no host sync)
-and then leaves the stored gradient untouched: put loss weights into kd_weight / ce_weight to get that case.
+kd_scale and ce_scale are the weights of the row terms in the caller's loss (weight / count for a mean); they enter
+the gradient only. The losses form this gradient in forward and the backward (`kernels._grad.scale_grad_`) multiplies
+it in place by the upstream gradient; for fp16 the forward folds a power of two K into both scales so that the stored
+gradient keeps its bits under a loss scale (the design and its accuracy are in `kernels._grad`).
 
 One program per row (per BLOCK_N rows when V is small); pass 1 walks the row in V-blocks with an online softmax
-(Milakov & Gimelshein, 2018) for s/T, t/T and s (T = 1), and folds the KL in without a third pass: with
-w_v = exp(t_v/T − m_t), d_t = Σ w and A = Σ w_v (t_v − s_v)/T,
+(Milakov & Gimelshein, 2018) and folds the KL in without a third pass. Every statistic is kept relative to the row's
+running maximum of the raw logits, M_s = max s and M_t = max t (the maximum of s/T for any T > 0 is M_s/T), so that
+no term carries the size of the logits themselves, only their spread:
 
-    KL = A/d_t − lse(t/T) + lse(s/T) = A/d_t + (m_s − m_t) + log d_s − log d_t,
+    x_v = s_v − M_s,  u_v = t_v − M_t                                   (≤ 0, exact up to the spread's rounding)
+    d_s = Σ exp(x/T),  d_1 = Σ exp(x),  d_t = Σ w,  w_v = exp(u_v/T),  A = Σ w_v (u_v − x_v)/T
+    KL  = Σ p_t (log p_t − log p_s) = A/d_t − log d_t + log d_s
+    CE  = lse(s) − s_y + ε(s_y − mean s) = (M_s − s_y) + log d_1 − ε Σ_v (s_v − s_y)/V
+    p_s = exp(x/T − log d_s),  p_t = exp(u/T − log d_t),  q = exp(x − log d_1)
 
-where A is rescaled by exp(m_old − m_new), like d_t, when the running maximum grows. Pass 2 writes the gradient.
+Forming lse = M + log d and then s − lse would round at |M| (fp32 keeps ~2⁻²⁴·|M|: 6e-4 at 1e4, where the answer
+is accurate to 1e-7), and the textbook fold KL = A'/d_t + (m_s − m_t) + ... with A' = Σ w (t − s)/T cancels two
+terms of the maxima's size when student and teacher sit at different offsets; dividing by T before subtracting the
+maximum would round at |s/T|. Here the only subtractions of large numbers are s − M_s, t − M_t and M_s − s_y, all
+between entries of the same row. When a running maximum grows from M to M', the sums are rescaled by exp((M − M')/T)
+(exp(M − M') for d_1) and every term of A shifts by the change of the two maxima, so
+A ← exp((M_t − M_t')/T) · (A + d_t·((M_t − M_t') − (M_s − M_s'))/T); while a row has seen only −inf its maximum
+counts as 0 (−inf − (−inf) would be NaN). Pass 2 writes the gradient.
+
+NaN and −inf. Entries of −inf are probabilities of 0 (masked vocabulary): teacher −inf entries add 0·log 0 = 0, and a
+student −inf where the teacher has mass makes KL = +inf. A NaN anywhere in a selected row (student or teacher), or a
+teacher row that is −inf throughout (no distribution), gives a NaN row loss and a NaN gradient row, as torch does; a
+row that is not selected (kd_mask False and label ignored) gives 0 whatever it holds. A label outside [0, V) that is
+not `ignore_index` gives a NaN CE row and NaN gradient row: labels are device data, so the range is checked in the
+kernel, not on the host, and nothing is read at the bad index. Labels are compared as 64-bit integers (2³² + 3 is
+out of range, not class 3).
 
 Memory traffic (the trade-off): when the row fits one block (V ≤ BLOCK) the tiles stay in registers and HBM sees
 exactly one read of s and t and one write of the gradient. Wider rows are read twice by the program; the second
@@ -42,34 +62,25 @@ from torch.autograd.function import once_differentiable
 
 from kernels import _contract as check
 from kernels._dispatch import use_triton
-from kernels._grad import scale_grad_
+from kernels._grad import grad_scale_for, scale_grad_
 from kernels._tiles import round_to, row_tiles
 from kernels.reference import kd_ce_rows_reference
 
 
 @triton.jit
-def _online_lse(m, d, x):
-    """Fold tile x (BLOCK_N, BLOCK) fp32, −inf where masked, into running row maxima m and sums d = Σ exp(x − m)."""
-    m_new = tl.maximum(m, tl.max(x, axis=1))
-    # While every entry so far is −inf, m_new is −inf and x − m_new would be −inf + inf = NaN: shift by 0 instead.
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    d = d * tl.exp(m - shift) + tl.sum(tl.exp(x - shift[:, None]), axis=1)
-    return m_new, d
+def _shift(m):
+    """The row maximum as a shift: 0 while a row has seen only −inf (x − (−inf) would turn −inf entries into NaN)."""
+    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
-def _online_kl(m, d, a, tt, ss):
-    """`_online_lse` for tt = t/T that also folds A = Σ exp(tt − m)(tt − ss) (see the module docstring)."""
-    m_new = tl.maximum(m, tl.max(tt, axis=1))
-    shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-    alpha = tl.exp(m - shift)
-    w = tl.exp(tt - shift[:, None])
-    # p_t = 0 entries (t = −inf, padding) contribute 0·log 0 = 0: zero both operands first, as −inf − (−inf) = NaN.
-    # An A that became +inf (p_t > 0 where p_s = 0) must not turn into inf·0 when its weight underflows.
-    diff = tl.where(w > 0.0, tt, 0.0) - tl.where(w > 0.0, ss, 0.0)
-    a = tl.where(alpha > 0.0, a * alpha, 0.0) + tl.sum(w * diff, axis=1)
-    d = d * alpha + tl.sum(w, axis=1)
-    return m_new, d, a
+def _log_ratio(a, b):
+    """log(a/b) as log1p((a − b)/b), Goldberg's form (exact-ish for a ≈ b, where log a − log b would lose the
+    difference to the rounding of two logs of the size of log V): KL = A/d_t + log(d_s/d_t) is small when the
+    student matches its teacher, and these two terms are all there is."""
+    r = (a - b) / b
+    one_r = 1.0 + r
+    return tl.where(one_r == 1.0, r, tl.log(one_r) * (r / (one_r - 1.0)))
 
 
 @triton.jit
@@ -85,35 +96,57 @@ def _load_tile(s_ptr, t_ptr, rows, offs, mask, stride_s, stride_t, HAS_TEACHER: 
 
 @triton.jit
 def _stats_tile(
-    m_s, d_s, m_t, d_t, a_t, m_1, d_1, s_sum, s, t, mask, inv_t,
+    m_s, d_s, d_1, m_t, d_t, a_t, s_sum, s, t, mask, s_ref, inv_t,
     HAS_TEACHER: tl.constexpr, HAS_LABELS: tl.constexpr, HAS_SMOOTHING: tl.constexpr, ONE_TEMP: tl.constexpr,
 ):  # fmt: skip
-    """Pass-1 update: running (max, sum) of s/T, of t/T with A, and of s at T = 1; Σ s for label smoothing."""
-    m_s, d_s = _online_lse(m_s, d_s, s * inv_t)
-    if HAS_TEACHER:
-        m_t, d_t, a_t = _online_kl(m_t, d_t, a_t, t * inv_t, s * inv_t)
+    """Pass-1 update with one tile: running maxima M_s, M_t and the sums d_s, d_1, d_t, A, Σ(s − s_y) relative to
+    them (the module docstring's definitions)."""
+    m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
+    sh_old, sh_s = _shift(m_s), _shift(m_s_new)
+    x = s - sh_s[:, None]
+    # Rescale factors from the raw old maximum: exp(−inf) = 0 empties a sum that has seen nothing (a shift of 0
+    # there would give exp(+large)·0 = NaN when the new maximum is very negative).
+    d_s = d_s * tl.exp((m_s - sh_s) * inv_t) + tl.sum(tl.exp(x * inv_t), axis=1)
     if HAS_LABELS:
         if not ONE_TEMP:
-            m_1, d_1 = _online_lse(m_1, d_1, s)
+            d_1 = d_1 * tl.exp(m_s - sh_s) + tl.sum(tl.exp(x), axis=1)
         if HAS_SMOOTHING:
-            s_sum += tl.sum(tl.where(mask, s, 0.0), axis=1)
-    return m_s, d_s, m_t, d_t, a_t, m_1, d_1, s_sum
+            s_sum += tl.sum(tl.where(mask, s - s_ref[:, None], 0.0), axis=1)
+    if HAS_TEACHER:
+        m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
+        sh_t_old, sh_t = _shift(m_t), _shift(m_t_new)
+        u = t - sh_t[:, None]
+        alpha = tl.exp((m_t - sh_t) * inv_t)
+        w = tl.exp(u * inv_t)
+        # Old terms shift by the change of both maxima (both shifts finite; d_t = 0 while nothing was seen). An A
+        # that became +inf (p_t > 0 where p_s = 0) must not turn into inf·0 when its weight underflows.
+        a_t = a_t + d_t * ((sh_t_old - sh_t) - (sh_old - sh_s)) * inv_t
+        a_t = tl.where(alpha > 0.0, a_t * alpha, 0.0)
+        # p_t = 0 entries (t = −inf) add 0·log 0 = 0: zero the difference there, as −inf − (−inf) = NaN. A NaN w
+        # fails the test and still poisons the sum through the product, as a NaN difference does.
+        a_t += tl.sum(w * tl.where(w > 0.0, u - x, 0.0), axis=1) * inv_t
+        d_t = d_t * alpha + tl.sum(w, axis=1)
+        m_t = m_t_new
+    return m_s_new, d_s, d_1, m_t, d_t, a_t, s_sum
 
 
 @triton.jit
 def _grad_tile(
-    s, t, offs, y, kd_on, ce_on, kd_coef, ce_coef, inv_t, lse_s, lse_t, lse_1, smoothing, V,
+    s, t, offs, y, kd_on, ce_on, in_range, kd_coef, ce_coef, inv_t, sh_s, sh_t, log_ds, log_dt, log_d1, smoothing, V,
     HAS_TEACHER: tl.constexpr, HAS_LABELS: tl.constexpr,
 ):  # fmt: skip
     """grad = kd_coef·(p_s − p_t) + ce_coef·(q − (1−ε)·onehot(y) − ε/V) in fp32, kd_coef = kd_scale·T."""
+    x = s - sh_s[:, None]
     g = tl.zeros(s.shape, dtype=tl.float32)
     if HAS_TEACHER:
-        g_kd = kd_coef * (tl.exp(s * inv_t - lse_s[:, None]) - tl.exp(t * inv_t - lse_t[:, None]))
-        g = tl.where(kd_on[:, None], g_kd, 0.0)  # where, not a 0 factor: an ignored row may hold NaN statistics
+        p_s = tl.exp(x * inv_t - log_ds[:, None])
+        p_t = tl.exp((t - sh_t[:, None]) * inv_t - log_dt[:, None])
+        g = tl.where(kd_on[:, None], kd_coef * (p_s - p_t), 0.0)  # where, not a 0 factor: ignored rows may hold NaN
     if HAS_LABELS:
         # (q − 1) at the true class is formed in fp32; rounding q first to bf16 cancels catastrophically near q = 1.
         onehot = tl.where(offs[None, :] == y[:, None], 1.0 - smoothing, 0.0)
-        g_ce = tl.exp(s - lse_1[:, None]) - smoothing / V - onehot
+        g_ce = tl.exp(x - log_d1[:, None]) - smoothing / V - onehot
+        g_ce = tl.where(in_range[:, None], g_ce, float("nan"))  # a label outside [0, V) poisons its row
         g += tl.where(ce_on[:, None], ce_coef * g_ce, 0.0)
     return g
 
@@ -164,47 +197,48 @@ def _kd_ce_fwd_kernel(
     y = cols
     s_y = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_LABELS:
-        y = tl.load(y_ptr + rows).to(tl.int32)
-        ce_on = y != ignore_index
-        in_range = (y >= 0) & (y < V)
-        # The label logit is read before pass 2 may overwrite s (in-place gradient).
+        y_raw = tl.load(y_ptr + rows).to(tl.int64)  # compared in 64 bits: no label wraps into range
+        ce_on = y_raw != ignore_index
+        in_range = (y_raw >= 0) & (y_raw < V)
+        y = tl.where(in_range, y_raw, 0).to(tl.int32)
+        # The label logit is read before pass 2 may overwrite s (in-place gradient); never at an out-of-range index.
         s_y = tl.load(s_ptr + rows * stride_s + y, mask=ce_on & in_range, other=0.0).to(tl.float32)
 
     # Pass 1: statistics. A single tile stays in registers for pass 2 (one HBM read); wider rows loop.
     m_s = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     d_s = tl.zeros([BLOCK_N], dtype=tl.float32)
-    m_t, d_t, a_t, m_1, d_1, s_sum = m_s, d_s, d_s, m_s, d_s, d_s
+    d_1, m_t, d_t, a_t, s_sum = d_s, m_s, d_s, d_s, d_s
     if SINGLE_TILE:
         mask = (cols < V)[None, :]
         s, t = _load_tile(s_ptr, t_ptr, rows, cols, mask, stride_s, stride_t, HAS_TEACHER)
-        m_s, d_s, m_t, d_t, a_t, m_1, d_1, s_sum = _stats_tile(
-            m_s, d_s, m_t, d_t, a_t, m_1, d_1, s_sum, s, t, mask, inv_t,
+        m_s, d_s, d_1, m_t, d_t, a_t, s_sum = _stats_tile(
+            m_s, d_s, d_1, m_t, d_t, a_t, s_sum, s, t, mask, s_y, inv_t,
             HAS_TEACHER, HAS_LABELS, HAS_SMOOTHING, ONE_TEMP,
         )  # fmt: skip
     else:
         for start in range(0, V, BLOCK):
             mask = (start + cols < V)[None, :]
             s_b, t_b = _load_tile(s_ptr, t_ptr, rows, start + cols, mask, stride_s, stride_t, HAS_TEACHER)
-            m_s, d_s, m_t, d_t, a_t, m_1, d_1, s_sum = _stats_tile(
-                m_s, d_s, m_t, d_t, a_t, m_1, d_1, s_sum, s_b, t_b, mask, inv_t,
+            m_s, d_s, d_1, m_t, d_t, a_t, s_sum = _stats_tile(
+                m_s, d_s, d_1, m_t, d_t, a_t, s_sum, s_b, t_b, mask, s_y, inv_t,
                 HAS_TEACHER, HAS_LABELS, HAS_SMOOTHING, ONE_TEMP,
             )  # fmt: skip
 
-    lse_s = m_s + tl.log(d_s)
-    lse_t = lse_s
-    lse_1 = lse_s
+    sh_s, sh_t = _shift(m_s), _shift(m_t)
+    log_ds = tl.log(d_s)
+    log_dt, log_d1 = log_ds, log_ds
     kd = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_TEACHER:
-        lse_t = m_t + tl.log(d_t)
-        kl = a_t / d_t + (m_s - m_t) + (tl.log(d_s) - tl.log(d_t))
+        log_dt = tl.log(d_t)
+        kl = a_t / d_t + _log_ratio(d_s, d_t)
         kd = tl.where(kd_on, kl * (temperature * temperature), 0.0)  # where, not a 0 factor: NaN rows give 0
     ce = tl.zeros([BLOCK_N], dtype=tl.float32)
     if HAS_LABELS:
         if not ONE_TEMP:
-            lse_1 = m_1 + tl.log(d_1)
-        ce = (1.0 - smoothing) * (lse_1 - s_y)
+            log_d1 = tl.log(d_1)
+        ce = (sh_s - s_y) + log_d1
         if HAS_SMOOTHING:
-            ce += smoothing * (lse_1 - s_sum / V)
+            ce -= smoothing * (s_sum / V)
         ce = tl.where(in_range, ce, float("nan"))  # a label outside [0, V) poisons the loss (no OOB read, no sync)
         ce = tl.where(ce_on, ce, 0.0)
     tl.store(kd_row_ptr + out_rows, kd, mask=row_ok)  # every row is written, ignored ones with 0
@@ -216,8 +250,8 @@ def _kd_ce_fwd_kernel(
         ce_coef = tl.load(ce_scale_ptr)
         if SINGLE_TILE:
             g = _grad_tile(
-                s, t, cols, y, kd_on, ce_on, kd_coef, ce_coef, inv_t, lse_s, lse_t, lse_1, smoothing, V,
-                HAS_TEACHER, HAS_LABELS,
+                s, t, cols, y, kd_on, ce_on, in_range, kd_coef, ce_coef, inv_t, sh_s, sh_t, log_ds, log_dt, log_d1,
+                smoothing, V, HAS_TEACHER, HAS_LABELS,
             )  # fmt: skip
             g_ptrs = g_ptr + out_rows[:, None] * stride_g + cols[None, :]
             tl.store(g_ptrs, round_to(g, g_ptr.dtype.element_ty), mask=row_ok[:, None] & (cols < V)[None, :])
@@ -226,8 +260,8 @@ def _kd_ce_fwd_kernel(
                 mask = (start + cols < V)[None, :]
                 s_b, t_b = _load_tile(s_ptr, t_ptr, rows, start + cols, mask, stride_s, stride_t, HAS_TEACHER)
                 g = _grad_tile(
-                    s_b, t_b, start + cols, y, kd_on, ce_on, kd_coef, ce_coef, inv_t, lse_s, lse_t, lse_1,
-                    smoothing, V, HAS_TEACHER, HAS_LABELS,
+                    s_b, t_b, start + cols, y, kd_on, ce_on, in_range, kd_coef, ce_coef, inv_t, sh_s, sh_t, log_ds,
+                    log_dt, log_d1, smoothing, V, HAS_TEACHER, HAS_LABELS,
                 )  # fmt: skip
                 g_ptrs = g_ptr + out_rows[:, None] * stride_g + (start + cols)[None, :]
                 tl.store(g_ptrs, round_to(g, g_ptr.dtype.element_ty), mask=row_ok[:, None] & mask)
@@ -292,28 +326,38 @@ def kd_ce_rows(
     """Per-row KD and CE losses and the student-logit gradient in one pass (contract: `kd_ce_rows_reference`).
 
     Args:
-        student: (N, V) fp32/bf16/fp16 logits; rows may be strided (a copy is made if columns are not contiguous).
-        teacher: (N, V) logits of any float dtype, or None (CE only). Must not require grad.
-        labels: (N,) integer class ids in [0, V) or `ignore_index`, or None (KD only). A label outside [0, V)
-            gives a NaN CE row (no host-side check, which would sync).
+        student: (N, V) float logits, V ≥ 1; rows may be strided (a copy is made if columns are not contiguous).
+        teacher: (N, V) float logits, or None (CE only). Must not require grad.
+        labels: (N,) integer class ids in [0, V) or `ignore_index`, or None (KD only). A label outside [0, V) gives
+            a NaN CE row and a NaN gradient row (checked on the device: a host check would sync).
         kd_mask: (N,) bool, rows that take the KD term; None: all rows.
         temperature: T > 0 for the KD term (CE always uses T = 1).
         kd_scale, ce_scale: weights of each row's KD/CE term in the caller's loss, floats or () fp32 device tensors
             (never read on the host); they scale only the gradient.
+        label_smoothing: ε in [0, 1]. ignore_index: label of rows without CE.
         compute_grad: whether to write the gradient.
         grad_out: optional (N, V) buffer of the student dtype with unit column stride for the gradient; may be
             `student` itself (each row is read in full before it is overwritten).
 
     Returns:
         kd_row (N,) fp32, ce_row (N,) fp32 (fp64 for fp64 inputs), grad (N, V) student dtype or None.
-        fp64 inputs, and CPU tensors outside Triton's interpreter, run the reference.
+        fp64 inputs, and CPU tensors outside Triton's interpreter, run the reference. ValueError for inputs outside
+        this contract (`kernels._contract`).
     """
-    temperature = check.temperature(temperature)
+    check.tensor("student", student, "float", ndim=2)
+    check.logits("student", student)
+    check.optional_tensor("teacher", teacher, shape=student.shape, device=student.device)
     check.constant("teacher", teacher)
-    if grad_out is not None and (grad_out.shape != student.shape or grad_out.dtype != student.dtype):
-        raise ValueError("grad_out must have the student's shape and dtype")
-    if grad_out is not None and grad_out.stride(1) != 1:
-        raise ValueError("grad_out needs a unit column stride")
+    check.per_row("labels", labels, student, "int")
+    check.per_row("kd_mask", kd_mask, student, "bool")
+    temperature = check.temperature(temperature)
+    kd_scale, ce_scale = check.weight("kd_scale", kd_scale), check.weight("ce_scale", ce_scale)
+    label_smoothing = check.real("label_smoothing", label_smoothing, 0.0, 1.0)
+    ignore_index = check.integer("ignore_index", ignore_index)
+    if grad_out is not None:
+        check.tensor("grad_out", grad_out, shape=student.shape, device=student.device)
+        if grad_out.dtype != student.dtype or grad_out.stride(1) != 1:
+            raise ValueError(f"grad_out must have the student's dtype {student.dtype} and a unit column stride")
     if use_triton(student, teacher, labels, kd_mask):
         return kd_ce_fwd(student, teacher, labels, kd_mask, temperature, kd_scale, ce_scale, label_smoothing,
                          ignore_index, compute_grad, grad_out)  # fmt: skip
@@ -335,19 +379,29 @@ def row_count(selected: torch.Tensor | None, n: int) -> torch.Tensor | float:
     return float(max(n, 1)) if selected is None else selected.sum().clamp_min(1).to(torch.float32)
 
 
+def abs_scale(x: float | torch.Tensor) -> float | torch.Tensor:
+    """|x| for a loss weight given as a number or a () device tensor (which stays on the device)."""
+    return x.abs() if isinstance(x, torch.Tensor) else abs(x)
+
+
 class KDCELossFunction(torch.autograd.Function):
     """kd_weight·KD + ce_weight·CE over rows; the student gradient is made in forward and scaled in backward."""
 
     @staticmethod
     def forward(ctx, student, teacher, labels, kd_mask, temperature, kd_weight, ce_weight, ignore_index):
-        n_kd = row_count(kd_mask, student.shape[0])
+        n_kd = row_count(kd_mask, student.shape[0]) if teacher is not None else 1.0
         n_ce = row_count(labels != ignore_index, 0) if labels is not None else 1.0
+        kd_scale = kd_weight / n_kd if teacher is not None else 0.0
+        ce_scale = ce_weight / n_ce if labels is not None else 0.0
+        # fp16: the stored gradient is K·grad, K a power of two that keeps it in range under a loss scale.
+        k = grad_scale_for(student.dtype, abs_scale(kd_scale) * temperature + abs_scale(ce_scale))
         kd_row, ce_row, grad = kd_ce_rows(
-            student, teacher, labels, kd_mask, temperature, kd_weight / n_kd, ce_weight / n_ce,
+            student, teacher, labels, kd_mask, temperature, kd_scale * k, ce_scale * k,
             ignore_index=ignore_index, compute_grad=ctx.needs_input_grad[0],
         )  # fmt: skip
         kd, ce = kd_row.sum() / n_kd, ce_row.sum() / n_ce
         ctx.save_for_backward(grad)
+        ctx.grad_scale = k
         ctx.mark_non_differentiable(kd, ce)  # the stored gradient is that of `loss` only
         return kd_weight * kd + ce_weight * ce, kd, ce
 
@@ -355,8 +409,8 @@ class KDCELossFunction(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, grad_loss, grad_kd, grad_ce):
         (grad,) = ctx.saved_tensors
-        # In place, so no second (N, V) buffer (and no pass at all when grad_loss is 1).
-        return scale_grad_(grad, grad_loss), None, None, None, None, None, None, None
+        # In place, so no second (N, V) buffer (and no pass at all when grad_loss is 1 and K is 1).
+        return scale_grad_(grad, grad_loss, ctx.grad_scale), None, None, None, None, None, None, None
 
 
 class DistillLossOutput(NamedTuple):
@@ -365,6 +419,17 @@ class DistillLossOutput(NamedTuple):
     loss: torch.Tensor
     kd: torch.Tensor
     ce: torch.Tensor
+
+
+def check_logits_rows(student_logits, teacher_logits, labels, kd_mask, temperature, ignore_index):
+    """The contract shared by `distill_loss` and `kd_loss` (argument names as theirs); returns T as a float."""
+    check.logits("student_logits", student_logits)
+    check.like("teacher_logits", teacher_logits, student_logits)
+    check.constant("teacher_logits", teacher_logits)
+    check.per_row("labels", labels, student_logits, "int")
+    check.per_row("kd_mask", kd_mask, student_logits, "bool")
+    check.integer("ignore_index", ignore_index)
+    return check.temperature(temperature)
 
 
 def distill_loss(
@@ -380,19 +445,24 @@ def distill_loss(
     """DistilBERT's KD + MLM loss on logits in one pass: KLDivLoss(batchmean)·T² over KD rows plus CE (T = 1).
 
     Args:
-        student_logits: (..., V) fp32/bf16/fp16.
-        teacher_logits: (..., V) any float dtype; a constant: raises ValueError if it requires grad.
-        labels: (...) int class ids, `ignore_index` for rows without one; None: no CE term.
+        student_logits: (..., V) fp32/bf16/fp16 (fp64 runs the reference), V ≥ 1.
+        teacher_logits: (..., V) float, the student's shape and device; a constant: it must not require grad.
+        labels: (...) int class ids, `ignore_index` for rows without one; None: no CE term. A label outside [0, V)
+            that is not `ignore_index` makes `loss`, `ce` and that row's gradient NaN.
         kd_mask: (...) bool, rows that take the KD term (DistilBERT: non-pad tokens); None: all rows.
-        temperature: T > 0 (ValueError otherwise).
-        kd_weight, ce_weight: weights of the two means in `loss`.
+        temperature: T > 0: a Python or NumPy number or a 0-dim CPU tensor.
+        kd_weight, ce_weight: weights of the two means in `loss` (numbers or 0-dim tensors).
 
     Returns:
         DistillLossOutput of () fp32 tensors. Means divide by on-device counts clamped to ≥ 1, so no selected row
-        gives 0 loss and 0 gradient. Only `loss` is differentiable (kd and ce are marked non-differentiable).
+        gives 0 loss and 0 gradient; NaN in a selected row gives NaN. Only `loss` is differentiable (kd and ce are
+        marked non-differentiable).
+
+    Raises:
+        ValueError naming the argument, for inputs outside this contract (checked on the host, no device sync).
     """
-    temperature = check.temperature(temperature)
-    check.constant("teacher_logits", teacher_logits)
+    temperature = check_logits_rows(student_logits, teacher_logits, labels, kd_mask, temperature, ignore_index)
+    kd_weight, ce_weight = check.weight("kd_weight", kd_weight), check.weight("ce_weight", ce_weight)
     s, labels = flat_rows(student_logits, labels)
     t, kd_mask = flat_rows(teacher_logits, kd_mask)
     out = KDCELossFunction.apply(s, t, labels, kd_mask, temperature, kd_weight, ce_weight, ignore_index)
@@ -404,8 +474,9 @@ class DistillLoss(torch.nn.Module):
 
     def __init__(self, temperature: float = 2.0, kd_weight: float = 1.0, ce_weight: float = 1.0, ignore_index=-100):
         super().__init__()
-        self.temperature, self.kd_weight, self.ce_weight = check.temperature(temperature), kd_weight, ce_weight
-        self.ignore_index = ignore_index
+        self.temperature = check.temperature(temperature)
+        self.kd_weight, self.ce_weight = check.weight("kd_weight", kd_weight), check.weight("ce_weight", ce_weight)
+        self.ignore_index = check.integer("ignore_index", ignore_index)
 
     def forward(self, student_logits, teacher_logits, labels=None, kd_mask=None) -> DistillLossOutput:
         return distill_loss(student_logits, teacher_logits, labels, kd_mask, self.temperature, self.kd_weight,

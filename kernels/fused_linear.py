@@ -24,13 +24,28 @@ reusable (C, V) buffers, `kd_ce_rows` writes G into the student buffer in place,
 by the three matmuls at once. Backward only multiplies the stored gradients by the scalar upstream
 gradient. Extra memory is O(C·V + V·H + N·H), independent of N's product with V; the row counts stay
 on the device (no host sync). Matmuls run in the compute dtype (the autocast dtype under
-`torch.autocast`, else the inputs' dtype) with fp32 accumulation; ∂L/∂W_s and ∂L/∂b_s are
-accumulated across chunks in fp32 and returned in the parameters' dtypes.
+`torch.autocast`, else the inputs' dtype) with fp32 accumulation; the three gradients are kept in
+fp32 until the backward, which multiplies them by the upstream gradient and rounds them once to the
+dtypes of h_s, W_s and b_s.
+
+fp16 under loss scaling. An fp16 G formed at upstream 1 would flush the small entries that the loss
+scale of fp16 training exists to keep (see `kernels._grad`). So for an fp16 compute dtype G is
+written as K·G, K a power of two from the weights' bound B = |kd_scale|·τ + |ce_scale| with
+K·B ∈ [2¹⁴, 2¹⁵), and the backward multiplies by upstream/K. K·G's matmuls then sum values up to
+2¹⁵ over V or C terms, past fp16's 65504, so for fp16 they write fp32 outputs (cuBLAS accumulates in
+fp32 in any case); the stored K·∂L/∂h_s, K·∂L/∂W_s, K·∂L/∂b_s are fp32 and exact multiples of the
+true ones. Accuracy as stated in `kernels._grad`, plus the matmuls' fp32 accumulation.
 """
 
 import torch
 
-from kernels.distill import DistillLossOutput, kd_ce_rows
+from kernels import _contract as check
+from kernels._grad import grad_scale_for
+from kernels.distill import DistillLossOutput, abs_scale, kd_ce_rows
+
+# `torch.mm(a, b, out_dtype=torch.float32)` for fp16 operands exists on CUDA in recent PyTorch builds; the op
+# registry says whether this build has it (a property of the build, not of any device).
+_MM_OUT_DTYPE = "dtype" in torch.ops.aten.mm.overloads()
 
 # Default budget for one chunk's logits (student + teacher, in the compute dtype): 256 MiB. At BERT's
 # V = 30522 in bf16 with a teacher that is 2192 rows a chunk, large enough to keep the three
@@ -55,6 +70,15 @@ def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torc
     return torch.addmm(b, h, w.t(), out=out)
 
 
+def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b; for fp16 operands (K-scaled gradients, whose sums can pass fp16's 65504) with an fp32 output."""
+    if a.dtype != torch.float16:
+        return a @ b
+    if a.is_cuda and _MM_OUT_DTYPE:
+        return torch.mm(a, b, out_dtype=torch.float32)
+    return a.float() @ b.float()  # CPU (tests) and older builds: correct, slower
+
+
 def fused_linear_distill_fwd(
     h_s: torch.Tensor,  # (N, H) student rows
     w_s: torch.Tensor,  # (V, H) student projection
@@ -74,10 +98,10 @@ def fused_linear_distill_fwd(
     dtype_t: torch.dtype,
     needs_grad: tuple[bool, bool, bool],  # which of (h_s, w_s, b_s) want a gradient
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, list[torch.Tensor | None]]:
-    """Loss, KD and CE means (0-dim fp32) and the gradients of the loss for (h_s, w_s, b_s), chunk by chunk.
+    """Loss, KD and CE means (0-dim fp32), the gradients of the loss for (h_s, w_s, b_s) times K, and K.
 
-    Gradients come back in the dtypes of h_s, w_s and b_s (None where not wanted); w_s and b_s
-    gradients are summed over chunks in fp32.
+    Gradients come back in fp32 (fp64 for fp64 runs), None where not wanted, summed over chunks;
+    K is the power of two of the module docstring (1 unless the compute dtype is fp16).
     """
     n, v, dev = h_s.shape[0], w_s.shape[0], h_s.device
     acc = torch.promote_types(torch.float32, dtype_s)  # accumulation dtype: fp32, or fp64 for fp64 runs
@@ -88,6 +112,7 @@ def fused_linear_distill_fwd(
     n_ce = labels.ne(ignore_index).sum().to(acc).clamp_min(1) if ce_on else torch.ones((), device=dev, dtype=acc)
     kd_scale = kd_weight / n_kd if kd_on else 0.0
     ce_scale = ce_weight / n_ce if ce_on else 0.0
+    k = grad_scale_for(dtype_s, abs_scale(kd_scale) * temperature + abs_scale(ce_scale))
 
     ws = w_s.to(dtype_s)
     bs = None if b_s is None else b_s.to(dtype_s)
@@ -97,7 +122,7 @@ def fused_linear_distill_fwd(
         bt = None if b_t is None else b_t.to(dtype_t)
         t_buf = torch.empty(min(chunk, n), v, device=dev, dtype=dtype_t)
     compute_grad = any(needs_grad)
-    grad_h = torch.empty_like(h_s) if needs_grad[0] else None
+    grad_h = torch.empty(h_s.shape, device=dev, dtype=acc) if needs_grad[0] else None
     grad_w = torch.zeros(v, h_s.shape[1], device=dev, dtype=acc) if needs_grad[1] else None
     grad_b = torch.zeros(v, device=dev, dtype=acc) if needs_grad[2] else None
     kd_sum = torch.zeros((), device=dev, dtype=acc)
@@ -115,8 +140,8 @@ def fused_linear_distill_fwd(
             labels[rows] if ce_on else None,
             None if kd_mask is None else kd_mask[rows],
             temperature=temperature,
-            kd_scale=kd_scale,
-            ce_scale=ce_scale,
+            kd_scale=kd_scale * k,
+            ce_scale=ce_scale * k,
             label_smoothing=label_smoothing,
             ignore_index=ignore_index,
             compute_grad=compute_grad,
@@ -125,22 +150,17 @@ def fused_linear_distill_fwd(
         kd_sum += kd_row.sum()
         ce_sum += ce_row.sum()
         if grad_h is not None:
-            grad_h[rows] = g @ ws  # (C, V) @ (V, H)
+            grad_h[rows] = _mm(g, ws)  # (C, V) @ (V, H)
         if grad_w is not None:
-            # Each chunk's Gᵀ h_s is rounded once to the compute dtype, then summed across chunks in fp32.
-            grad_w += g.t() @ hs  # (V, C) @ (C, H)
+            # Each chunk's Gᵀ h_s is rounded once to the compute dtype (bf16), then summed across chunks in fp32.
+            grad_w += _mm(g.t(), hs)  # (V, C) @ (C, H)
         if grad_b is not None:
             grad_b += g.sum(0, dtype=acc)
 
     kd = kd_sum / n_kd
     ce = ce_sum / n_ce
     loss = kd_weight * kd + ce_weight * ce
-    grads = [
-        grad_h,
-        None if grad_w is None else grad_w.to(w_s.dtype),
-        None if grad_b is None else grad_b.to(b_s.dtype),
-    ]
-    return loss, kd, ce, grads
+    return loss, kd, ce, [grad_h, grad_w, grad_b], k
 
 
 class FusedLinearDistillLossFunction(torch.autograd.Function):
@@ -153,18 +173,21 @@ class FusedLinearDistillLossFunction(torch.autograd.Function):
         # needs_input_grad ignores an enclosing torch.no_grad(), hence the caller's grad mode.
         needs_grad = tuple(grad_enabled and x for x in ctx.needs_input_grad[:3])
         with torch.autocast(h_s.device.type, enabled=False):
-            loss, kd, ce, grads = fused_linear_distill_fwd(
+            loss, kd, ce, grads, k = fused_linear_distill_fwd(
                 h_s, w_s, b_s, h_t, w_t, b_t, labels, kd_mask, temperature, kd_weight, ce_weight,
                 label_smoothing, ignore_index, chunk, dtype_s, dtype_t, needs_grad,
             )  # fmt: skip
         ctx.save_for_backward(*grads)
+        ctx.grad_scale, ctx.dtypes = k, [None if x is None else x.dtype for x in (h_s, w_s, b_s)]
         ctx.mark_non_differentiable(kd, ce)
         return loss, kd, ce
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_kd, _grad_ce):
-        # L's gradients were formed in the forward for an upstream gradient of 1; the chain rule scales them.
-        grads = tuple(None if g is None else g * grad_loss for g in ctx.saved_tensors)
+        # The stored gradients are K·∂L/∂x for an upstream gradient of 1: the chain rule scales them by upstream/K
+        # (exact, K a power of two), and each is rounded once to its input's dtype.
+        factor = grad_loss / ctx.grad_scale
+        grads = tuple(None if g is None else (g * factor).to(d) for g, d in zip(ctx.saved_tensors, ctx.dtypes))
         return grads + (None,) * 14
 
 
@@ -172,6 +195,45 @@ def _compute_dtype(x: torch.Tensor, w: torch.Tensor) -> torch.dtype:
     """The matmul dtype: autocast's when it is on for x's device, else the promoted dtype of x and w."""
     dev = x.device.type
     return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else torch.promote_types(x.dtype, w.dtype)
+
+
+def _check(h_s, w_s, b_s, h_t, w_t, b_t, labels, kd_mask, temperature, kd_weight, ce_weight, ignore_index,
+           chunk_size, memory_budget_bytes, label_smoothing):  # fmt: skip
+    """The contract of `fused_linear_distill_loss` (argument names as its own); returns the checked scalars."""
+    check.tensor("student_hidden", h_s, ndim=2)
+    dev, (n, h) = h_s.device, h_s.shape
+    check.tensor("student_weight", w_s, ndim=2, device=dev)
+    v = w_s.shape[0]
+    check.tensor("student_weight", w_s, shape=(v, h))
+    if v < 1:
+        raise ValueError(f"student_weight must have at least one row (V ≥ 1), got shape {tuple(w_s.shape)}")
+    check.optional_tensor("student_bias", b_s, shape=(v,), device=dev)
+    if h_t is None:
+        if labels is None:
+            raise ValueError("fused_linear_distill_loss needs a teacher (KD), labels (CE), or both; got neither")
+        for name, x in (("teacher_weight", w_t), ("teacher_bias", b_t), ("kd_mask", kd_mask)):
+            if x is not None:
+                raise ValueError(f"{name} was given without teacher_hidden: pass the teacher's rows too, or drop it")
+    else:
+        check.tensor("teacher_hidden", h_t, ndim=2, device=dev)
+        check.tensor("teacher_hidden", h_t, shape=(n, h_t.shape[1]))
+        check.tensor("teacher_weight", w_t, shape=(v, h_t.shape[1]), device=dev)
+        check.optional_tensor("teacher_bias", b_t, shape=(v,), device=dev)
+    for name, x in (("teacher_hidden", h_t), ("teacher_weight", w_t), ("teacher_bias", b_t)):
+        check.constant(name, x)
+    check.optional_tensor("labels", labels, kind="int", shape=(n,), device=dev)
+    check.optional_tensor("kd_mask", kd_mask, kind="bool", shape=(n,), device=dev)
+    check.integer("ignore_index", ignore_index)
+    if chunk_size is not None:
+        check.integer("chunk_size", chunk_size, low=1)
+    if memory_budget_bytes is not None:
+        check.integer("memory_budget_bytes", memory_budget_bytes, low=1)
+    return (
+        check.temperature(temperature),
+        check.weight("kd_weight", kd_weight),
+        check.weight("ce_weight", ce_weight),
+        check.real("label_smoothing", label_smoothing, 0.0, 1.0),
+    )
 
 
 def fused_linear_distill_loss(
@@ -198,9 +260,10 @@ def fused_linear_distill_loss(
         student_weight: (V, H) float, the student's vocab projection (may be tied to the word embeddings).
         student_bias: (V,) float or None.
         teacher_hidden: (N, H_t) float or None (no KD term); must not require grad.
-        teacher_weight: (V, H_t) float or None; must not require grad.
+        teacher_weight: (V, H_t) float, required with teacher_hidden; must not require grad.
         teacher_bias: (V,) float or None; must not require grad.
-        labels: (N,) int64 with `ignore_index` on rows without a label, or None (no CE term).
+        labels: (N,) int with `ignore_index` on rows without a label, or None (no CE term). A label outside
+            [0, V) that is not `ignore_index` makes the loss and the gradients NaN.
         kd_mask: (N,) bool, the rows that take the KD term; None: all rows.
         temperature: KD softmax temperature τ.
         kd_weight, ce_weight: weights of the two means in `loss`.
@@ -212,11 +275,15 @@ def fused_linear_distill_loss(
     Returns:
         DistillLossOutput(loss, kd, ce) of 0-dim fp32 tensors: loss = kd_weight·kd + ce_weight·ce is
         differentiable; kd and ce (unweighted means, 0 when absent) are for logging only.
+
+    Raises:
+        ValueError naming the argument, for inputs outside this contract (all tensors on one device;
+        chunk_size and memory_budget_bytes integers ≥ 1), checked on the host without a device sync.
     """
-    if teacher_hidden is None and labels is None:
-        raise ValueError("fused_linear_distill_loss needs a teacher (KD), labels (CE), or both")
-    if any(x is not None and x.requires_grad for x in (teacher_hidden, teacher_weight, teacher_bias)):
-        raise ValueError("teacher tensors must not require grad: freeze the teacher or pass .detach()ed tensors")
+    temperature, kd_weight, ce_weight, label_smoothing = _check(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels, kd_mask,
+        temperature, kd_weight, ce_weight, ignore_index, chunk_size, memory_budget_bytes, label_smoothing,
+    )  # fmt: skip
     n, v = student_hidden.shape[0], student_weight.shape[0]
     dtype_s = _compute_dtype(student_hidden, student_weight)
     dtype_t = dtype_s if teacher_hidden is None else _compute_dtype(teacher_hidden, teacher_weight)

@@ -8,7 +8,7 @@ derivation, gradient (∂/∂s = T (p_s − p_t) / #rows) and numerics are those
 import torch
 
 from kernels import _contract as check
-from kernels.distill import KDCELossFunction, flat_rows
+from kernels.distill import KDCELossFunction, check_logits_rows, flat_rows
 
 
 def kd_loss(
@@ -17,12 +17,11 @@ def kd_loss(
 ) -> torch.Tensor:  # fmt: skip
     """T²·KL(softmax(t/T) ‖ softmax(s/T)) summed over V, averaged over KD rows (KLDivLoss(batchmean)·T²).
 
-    Args and dtypes as `distill_loss`. Returns a () fp32 tensor, 0 when no row is selected.
+    Args, dtypes and errors as `distill_loss`. Returns a () fp32 tensor, 0 when no row is selected.
     """
-    temperature = check.temperature(temperature)
-    check.constant("teacher_logits", teacher_logits)
+    temperature = check_logits_rows(student_logits, teacher_logits, None, kd_mask, temperature, -100)
     s, kd_mask = flat_rows(student_logits, kd_mask)
-    t = teacher_logits.reshape(s.shape)
+    t, _ = flat_rows(teacher_logits, None)
     # loss = 1·kd + 0·ce with no labels: exactly kd.
     return KDCELossFunction.apply(s, t, None, kd_mask, temperature, 1.0, 0.0, -100)[0]
 

@@ -13,7 +13,9 @@ logits s, teacher logits t, temperature T, p_s = softmax(s/T), p_t = softmax(t/T
 
 kd_scale and ce_scale are the weights the caller gives each row's term in its final loss (for a
 mean: weight / count); they may be 0-dim device tensors so that no count ever visits the host.
-Teacher entries of −inf have p_t = 0 and contribute nothing (0·log 0 = 0).
+Teacher entries of −inf have p_t = 0 and contribute nothing (0·log 0 = 0). NaN in a selected row, or a
+teacher row that is −inf throughout, gives NaN for the row and its gradient; a label outside [0, V) that
+is not ignore_index gives a NaN CE row and a NaN gradient row (never an out-of-bounds read).
 """
 
 import math
@@ -56,28 +58,31 @@ def kd_ce_rows_reference(
         log_ps = torch.log_softmax(s / temperature, dim=-1)  # (N, V)
         log_pt = torch.log_softmax(teacher.to(acc) / temperature, dim=-1)  # (N, V)
         pt = log_pt.exp()
-        # Σ p_t (log p_t − log p_s) with 0·log 0 = 0. Where p_t = 0 the product is 0 or 0·(±inf) = nan;
-        # where p_t > 0 the difference is finite or +inf (log p_s = −inf), never −inf. So clearing nan
-        # and −inf to 0 keeps +inf (a student that rules out a teacher token) and is otherwise exact.
-        kl = log_pt.sub_(log_ps).mul_(pt).nan_to_num_(nan=0.0, posinf=math.inf, neginf=0.0).sum(-1)
+        # Σ p_t (log p_t − log p_s) with 0·log 0 = 0: where p_t = 0 (t = −inf) the product is 0 or 0·(±inf) = NaN
+        # and is set to 0; where p_t > 0 it is finite or +inf (log p_s = −inf: the student rules out a teacher
+        # token). A NaN p_t (NaN in t, or a row of −inf) and a NaN log p_s stay NaN, as in torch.
+        kl = log_pt.sub_(log_ps).mul_(pt).masked_fill_(pt == 0, 0.0).sum(-1)
         kd_row = torch.where(rows, kl * temperature**2, kd_row)
         if compute_grad:
             grad = log_ps.exp_().sub_(pt).mul_(temperature * _scale(kd_scale, s))  # T·scale·(p_s − p_t)
             grad.masked_fill_(~rows[:, None], 0.0)
     if labels is not None:
+        labels = labels.long()
         valid = labels != ignore_index
-        y = labels.masked_fill(~valid, 0).long()
-        lse = torch.logsumexp(s, dim=-1)
-        nll = lse - s.gather(1, y[:, None]).squeeze(1)
+        # A label outside [0, V) is not looked up (no out-of-bounds gather); its row becomes NaN below.
+        bad = valid & ((labels < 0) | (labels >= v))
+        y = labels.masked_fill(~valid | bad, 0)
+        log_q = torch.log_softmax(s, dim=-1)  # (N, V); (s − max) − log Σ: no rounding at the logits' size
+        nll = -log_q.gather(1, y[:, None]).squeeze(1)
         if label_smoothing > 0:
-            nll = (1 - label_smoothing) * nll + label_smoothing * (lse - s.mean(-1))
-        ce_row = torch.where(valid, nll, ce_row)
+            nll = (1 - label_smoothing) * nll - label_smoothing * log_q.mean(-1)
+        ce_row = torch.where(valid, nll.masked_fill(bad, math.nan), ce_row)
         if compute_grad:
-            g = (s - lse[:, None]).exp_()  # softmax(s)
+            g = log_q.exp_()  # softmax(s)
             if label_smoothing > 0:
                 g.sub_(label_smoothing / v)
             g.scatter_add_(1, y[:, None], torch.full_like(s[:, :1], -(1 - label_smoothing)))
-            g.mul_(_scale(ce_scale, s)).masked_fill_(~valid[:, None], 0.0)
+            g.mul_(_scale(ce_scale, s)).masked_fill_(~valid[:, None], 0.0).masked_fill_(bad[:, None], math.nan)
             grad = g if grad is None else grad.add_(g)
     if compute_grad:
         grad = torch.zeros_like(s) if grad is None else grad
@@ -114,6 +119,7 @@ def cosine_rows_reference(
     scale: float | torch.Tensor = 1.0,
     eps: float = 1e-8,
     compute_grad: bool = True,
+    grad_dtype: torch.dtype | None = None,  # the gradient's dtype; None: the student's
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Per-row cosine loss 1 − cos(s, t) and its gradient with respect to s, times `scale`.
 
@@ -136,4 +142,4 @@ def cosine_rows_reference(
     radial = torch.where(norm_s > eps, cos / (ns * ns), torch.zeros_like(cos))
     g = -(t / (ns * nt)[:, None]) + radial[:, None] * s
     g = torch.where(rows[:, None], g * _scale(scale, s), torch.zeros_like(g))
-    return loss_row, g.to(student.dtype)
+    return loss_row, g.to(student.dtype if grad_dtype is None else grad_dtype)

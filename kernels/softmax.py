@@ -13,7 +13,12 @@ Backward, with upstream gradient dy and ∂z/∂x = 1/T:
 Both directions are two passes over the row's V-blocks inside one program: pass 1 reduces (online max and sum
 for the forward, Milakov & Gimelshein 2018; Σ dy·y or Σ dy for the backward), pass 2 writes. A row that fits one
 block stays in registers between the passes. Reductions are fp32; outputs take the input dtype, like torch.
-Entries of −inf give y = 0 (log: −inf); a row of only −inf gives NaN, as in torch.
+Entries of −inf give y = 0 (log: −inf); a row of only −inf, or with a NaN, gives NaN, as in torch.
+
+Large logits. The forward works relative to the row maximum m of the raw x: z − lse(z) = (x − m)/T − log d with
+d = Σ exp((x − m)/T). Forming lse = m/T + log d first and subtracting it from x/T would round at |m/T| (fp32 keeps
+~2⁻²⁴|m|: 6e-4 absolute at 1e4, where torch is accurate to ~1e-7); dividing by T before subtracting m would round
+at |x/T|. Here the only large subtraction is x − m, between entries of one row.
 """
 
 import torch
@@ -48,26 +53,31 @@ def _softmax_fwd_kernel(
     x_rows = x_ptr + rows[:, None] * stride_x
     y_rows = y_ptr + out_rows[:, None] * stride_y
 
-    # Pass 1: running max m and d = Σ exp(z − m). While a row has seen only −inf, shift by 0, not by −inf (NaN).
+    # Pass 1: running maximum m of the raw x (for T > 0 that of x/T is m/T) and d = Σ exp((x − m)/T). While a row has
+    # seen only −inf, shift by 0, not by −inf (−inf − (−inf) is NaN).
     m = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
     d = tl.zeros([BLOCK_N], dtype=tl.float32)
     if SINGLE_TILE:
-        z = tl.load(x_rows + cols[None, :], mask=(cols < V)[None, :], other=float("-inf")).to(tl.float32) * inv_t
-        m = tl.max(z, axis=1)
-        d = tl.sum(tl.exp(z - tl.where(m == float("-inf"), 0.0, m)[:, None]), axis=1)
+        x = tl.load(x_rows + cols[None, :], mask=(cols < V)[None, :], other=float("-inf")).to(tl.float32)
+        m = tl.max(x, axis=1)
+        z = (x - tl.where(m == float("-inf"), 0.0, m)[:, None]) * inv_t
+        d = tl.sum(tl.exp(z), axis=1)
     else:
         for start in range(0, V, BLOCK):
             mask = (start + cols < V)[None, :]
-            zb = tl.load(x_rows + start + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-            m_new = tl.maximum(m, tl.max(zb, axis=1))
+            xb = tl.load(x_rows + start + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            m_new = tl.maximum(m, tl.max(xb, axis=1))
             shift = tl.where(m_new == float("-inf"), 0.0, m_new)
-            d = d * tl.exp(m - shift) + tl.sum(tl.exp(zb - shift[:, None]), axis=1)
+            # From the raw old maximum: exp(−inf) = 0 empties a sum that has seen nothing.
+            d = d * tl.exp((m - shift) * inv_t) + tl.sum(tl.exp((xb - shift[:, None]) * inv_t), axis=1)
             m = m_new
-    lse = m + tl.log(d)
+    shift = tl.where(m == float("-inf"), 0.0, m)
+    log_d = tl.log(d)
 
-    # Pass 2: write y.
+    # Pass 2: y = (x − m)/T − log d (or its exp). Not x/T − (m/T + log d): that rounds at |m/T|, the size of the
+    # logits, where every term here has the size of their spread.
     if SINGLE_TILE:
-        y = z - lse[:, None]
+        y = z - log_d[:, None]
         if not LOG:
             y = tl.exp(y)
         tl.store(
@@ -76,8 +86,8 @@ def _softmax_fwd_kernel(
     else:
         for start in range(0, V, BLOCK):
             mask = (start + cols < V)[None, :]
-            zb = tl.load(x_rows + start + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32) * inv_t
-            y = zb - lse[:, None]
+            xb = tl.load(x_rows + start + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
+            y = (xb - shift[:, None]) * inv_t - log_d[:, None]
             if not LOG:
                 y = tl.exp(y)
             tl.store(y_rows + start + cols[None, :], round_to(y, y_ptr.dtype.element_ty), mask=row_ok[:, None] & mask)
@@ -217,18 +227,28 @@ def softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """softmax(x / T) over the last dim.
 
     Args:
-        x: (..., V) fp32/bf16/fp16 (fp64 runs the reference); any strides.
-        temperature: T > 0 (ValueError otherwise).
+        x: (..., V) fp32/bf16/fp16 (fp64 runs the reference), at least 1-D; any strides.
+        temperature: T > 0: a Python or NumPy number or a 0-dim CPU tensor.
 
     Returns:
         (..., V) in x's dtype, contiguous; reductions in fp32.
+
+    Raises:
+        ValueError naming the argument (an integer x, say), checked on the host.
     """
-    return SoftmaxFunction.apply(x, check.temperature(temperature), False)
+    return SoftmaxFunction.apply(_checked(x), check.temperature(temperature), False)
 
 
 def log_softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log_softmax(x / T) over the last dim; shapes, dtypes and errors as `softmax`."""
-    return SoftmaxFunction.apply(x, check.temperature(temperature), True)
+    return SoftmaxFunction.apply(_checked(x), check.temperature(temperature), True)
+
+
+def _checked(x: torch.Tensor) -> torch.Tensor:
+    check.tensor("x", x, "float")
+    if x.dim() < 1:
+        raise ValueError(f"x must be at least 1-dimensional (..., V), got a 0-dim {x.dtype} tensor")
+    return x
 
 
 class Softmax(torch.nn.Module):

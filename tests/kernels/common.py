@@ -4,9 +4,12 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 
-def make_rows(n, v, dtype, device, seed=0, scale=3.0):
-    """Student/teacher logits of `dtype`, labels with ~30% ignored (-100), a KD mask with ~70% rows."""
-    g = torch.Generator().manual_seed(seed)
+def make_rows(n, v, dtype, device, scale=3.0):
+    """Student/teacher logits of `dtype`, labels with ~30% ignored (-100), a KD mask with ~70% rows.
+
+    Drawn on the CPU from the global generator, which the conftest seeds afresh on every run.
+    """
+    g = torch.default_generator
     s = (torch.randn(n, v, generator=g) * scale).to(dtype).to(device)
     t = (torch.randn(n, v, generator=g) * scale).to(dtype).to(device)
     y = torch.randint(0, v, (n,), generator=g)

@@ -1,4 +1,8 @@
-"""Fixtures for the kernel tests: which implementation runs (Triton or the pure-PyTorch reference), on which device.
+"""Fixtures for the kernel tests: fresh random inputs, and which implementation runs (Triton or the pure-PyTorch
+reference) on which device.
+
+Every test draws its inputs from a seed that is new on each run (Cut Cross-Entropy's practice: an accuracy rule
+checked on inputs nobody tuned it to). The seed is printed, so a failure shows it; `KERNEL_TEST_SEED=<n>` replays it.
 
 `impl` ("triton" / "reference") is not autouse. Under "triton" the references inside the kernel modules are
 replaced by tripwires, under "reference" the launchers are: a test can never pass on the path it did not mean to
@@ -7,6 +11,8 @@ before any kernel is decorated); the reference path is forced by TRITON_INTERPRE
 """
 
 import importlib
+import os
+import random
 
 import pytest
 import torch
@@ -27,6 +33,18 @@ _LAUNCHERS = [
     (_softmax, "softmax_bwd"),
     (_cosine, "cosine_fwd"),
 ]
+
+
+_RUN_SEED = int(os.environ.get("KERNEL_TEST_SEED", random.SystemRandom().randrange(2**31)))
+
+
+@pytest.fixture(autouse=True)
+def _seed(request):
+    """Overrides the root conftest's fixed seed: per run one seed, offset per test so tests do not share inputs."""
+    seed = (_RUN_SEED + sum(map(ord, request.node.nodeid))) % 2**31
+    print(f"KERNEL_TEST_SEED={_RUN_SEED} (this test: torch.manual_seed({seed}))")
+    torch.manual_seed(seed)
+    yield
 
 
 def _tripwire(name):

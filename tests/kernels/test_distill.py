@@ -231,8 +231,9 @@ def test_temperature_must_be_positive(impl, temperature):
         kd_ce_rows(s, t, y, m, temperature)
 
 
-def test_no_host_sync_in_forward_or_backward(impl):
-    s, t, y, m = make_rows(9, 300, torch.bfloat16, impl)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=str)
+def test_no_host_sync_in_forward_or_backward(impl, dtype):
+    s, t, y, m = make_rows(9, 300, dtype, impl)
     s1 = s.clone().requires_grad_()
     with NoHostSync():
         out = distill_loss(s1, t, y, m, kd_weight=2.0)
@@ -283,3 +284,100 @@ def test_row_offsets_beyond_int32():
     torch.testing.assert_close(kd[tail], kd_t, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(ce[tail], ce_t, atol=1e-4, rtol=1e-5)
     torch.testing.assert_close(grad[tail], grad_t, **TOL[torch.bfloat16])
+
+
+# Large offsets and extreme temperatures: the row maximum must not set the rounding of the result.
+OFFSETS = [(1e3, 0.0), (1e4, 0.0), (0.0, 1e4), (1e5, 1e5), (1e3, -1e3), (-1e5, 0.0)]
+TEMPERATURES = [1e-3, 0.1, 1.0, 2.0, 20.0]
+
+
+def within_twice_torch(ours, theirs, truth, what):
+    """|ours − truth| ≤ 2·|torch fp32 − truth| + 16 fp32 ulps of the largest entry.
+
+    Where both are accurate to a few ulps, which of the two lands closer is chance, hence the ulps; the defects this
+    guards against are hundreds of ulps (2⁻²⁴ of the logits' size, not of the result's)."""
+    e_ours, e_torch = max_err(ours, truth), max_err(theirs, truth)
+    bound = 2 * e_torch + 2**-20 * truth.abs().max().item()
+    assert e_ours <= bound, f"{what}: error {e_ours:.3e} > 2 × torch's {e_torch:.3e}"
+
+
+@pytest.mark.parametrize("temperature", TEMPERATURES)
+@pytest.mark.parametrize("offsets", OFFSETS, ids=lambda o: f"s+{o[0]:g},t+{o[1]:g}")
+@pytest.mark.parametrize("v", [500, 5000], ids=["one-tile", "two-tiles"])
+def test_large_offsets_and_temperatures(impl, offsets, temperature, v):
+    """Student N(0, 3²) + offset_s and teacher N(0, 3²) + offset_t in fp32: every output within 2× of torch's error.
+
+    `lse = m + log d` followed by `z − lse` rounds at |m|, and KL = A/d_t + (m_s − m_t) + ... cancels two terms of
+    the maxima's size: both lose ~|m|·2⁻²⁴ absolute, where torch loses only what rounding z = x/T itself costs.
+    """
+    n = 4
+    s = torch.randn(n, v) * 3 + offsets[0]
+    t = torch.randn(n, v) * 3 + offsets[1]
+    y = torch.randint(0, v, (n,))
+    s, t, y = s.to(impl), t.to(impl), y.to(impl)
+    kd_scale, ce_scale = 0.7, 0.3
+    ours = kd_ce_rows(s, t, y, None, temperature, kd_scale, ce_scale, label_smoothing=0.1)
+    theirs = torch_rows(s, t, y, torch.ones(n, dtype=torch.bool, device=impl), temperature, 0.1, kd_scale, ce_scale)
+    truth = torch_rows(s.double(), t.double(), y, torch.ones(n, dtype=torch.bool, device=impl), temperature, 0.1,
+                       kd_scale, ce_scale)  # fmt: skip
+    for what, o, th, tr in zip(("kd_row", "ce_row", "grad"), ours, theirs, truth):
+        within_twice_torch(o, th, tr, f"{what} at offsets {offsets}, T={temperature}")
+
+
+@pytest.mark.parametrize("temperature", [0.5, 2.0])
+def test_kl_with_far_apart_maxima(impl, temperature):
+    """Student N(0,1) + 1e4 against teacher N(0,1): KL ≈ 1, from terms that each carry the 1e4 offset."""
+    s = (torch.randn(8, 1000) + 1e4).to(impl)
+    t = torch.randn(8, 1000).to(impl)
+    ours = kd_loss(s, t, temperature=temperature)
+    truth = F.kl_div(F.log_softmax(s.double() / temperature, -1), F.softmax(t.double() / temperature, -1),
+                     reduction="batchmean") * temperature**2  # fmt: skip
+    theirs = F.kl_div(F.log_softmax(s / temperature, -1), F.softmax(t / temperature, -1), reduction="batchmean")
+    within_twice_torch(ours, theirs * temperature**2, truth, "kd")
+
+
+# NaN in a selected row: NaN loss and a NaN gradient row, as torch gives; rows not selected stay untouched.
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # the interpreter's numpy reports the NaN rows
+@pytest.mark.parametrize(
+    "where", ["student_entry", "teacher_entry", "teacher_row_neg_inf", "student_row_nan", "student_row_neg_inf"]
+)
+@pytest.mark.parametrize("v", [300, 5000], ids=["one-tile", "two-tiles"])
+def test_nan_in_a_selected_row_gives_nan(impl, where, v):
+    s, t, y, m = make_rows(4, v, torch.float32, impl)
+    m[:] = True
+    y[1] = -100  # row 1 is a KD row only: the NaN must come through the KD term
+    if where == "student_entry":
+        s[1, v // 3] = math.nan
+    elif where == "teacher_entry":
+        t[1, v - 2] = math.nan
+    elif where == "teacher_row_neg_inf":
+        t[1] = -math.inf
+    elif where == "student_row_nan":
+        s[1] = math.nan
+    else:
+        s[1] = -math.inf
+    x = s.clone().requires_grad_()
+    out = distill_loss(x, t, y, m)
+    out.loss.backward()
+    assert out.loss.isnan() and out.kd.isnan(), f"{where}: loss {out.loss.item()}, kd {out.kd.item()}"
+    assert x.grad[1].isnan().all(), f"{where}: gradient row has {x.grad[1].isnan().sum().item()} NaN of {v}"
+    assert torch.isfinite(x.grad[[0, 2, 3]]).all()
+    # Torch agrees that this is NaN (and not, say, +inf).
+    kd_torch = F.kl_div(F.log_softmax(s[1] / 2, -1), F.softmax(t[1] / 2, -1), reduction="sum")
+    assert kd_torch.isnan()
+    # The same row with only a CE label and no KD selection: the teacher is not read for it.
+    if where.startswith("teacher"):
+        m[1], y[1] = False, 3
+        out = distill_loss(s, t, y, m)
+        assert torch.isfinite(out.loss), where
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")
+def test_nan_logit_in_cross_entropy(impl):
+    s, _, y, _ = make_rows(4, 300, torch.float32, impl)
+    y[:] = 5
+    s[2, 100] = math.nan
+    x = s.clone().requires_grad_()
+    loss = cross_entropy(x, y)
+    loss.backward()
+    assert loss.isnan() and x.grad[2].isnan().all() and torch.isfinite(x.grad[[0, 1, 3]]).all()
