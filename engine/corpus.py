@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from engine.atomic import atomic_write
+from engine.atomic import atomic_write, explain_write_errors, tensor_bytes
 
 log = logging.getLogger(__name__)
 
@@ -53,8 +53,24 @@ _CACHE_FORMAT = 1  # bump when the cached layout or the splitting rule changes
 _non_utf8_noted = False
 
 
+def _binary_reason(data: bytes) -> str | None:
+    """Why `data` is not text, or None. Text has no NUL bytes (UTF-16 aside, which starts with a byte-order mark)
+    and few control characters; executables, archives and images have both within their first kilobytes."""
+    head = data[:8192]
+    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return None
+    if b"\x00" in head:
+        return "it holds NUL bytes"
+    controls = sum(b < 32 and b not in (9, 10, 12, 13, 27) for b in head)
+    if head and controls > 0.1 * len(head):
+        return f"{100 * controls / len(head):.0f}% of its first bytes are control characters"
+    return None
+
+
 def read_text_file(path: Path) -> str:
-    """A text file's contents: UTF-8, or Windows-1252 for a file that is not valid UTF-8.
+    """A text file's contents: UTF-8 (UTF-16 with a byte-order mark), or Windows-1252 for a file that is not valid
+    UTF-8. Binary content (an executable or an archive named .txt) is refused: decoded as Windows-1252 it would train
+    on byte soup.
 
     Some public corpora hold a stray single-byte character (BBC News' sports/199.txt has a cp1252 "£", byte 0xA3);
     cp1252 reads it as meant, and `replace` keeps its five undefined bytes from failing a whole corpus. The fallback
@@ -62,6 +78,13 @@ def read_text_file(path: Path) -> str:
     """
     global _non_utf8_noted
     data = path.read_bytes()
+    reason = _binary_reason(data)
+    if reason:
+        raise ValueError(
+            f"{path} is not a text file ({reason}: an executable, archive or image?); remove it from --data"
+        )
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        return data.decode("utf-16")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError:
@@ -394,7 +417,8 @@ def tokenize_corpus(
     )
     if cache_path is not None:
         obj = {"key": key, "ids": ids, "offsets": offsets, "dropped": dropped}
-        atomic_write(cache_path, lambda f: torch.save(obj, f))
+        with explain_write_errors(cache_path, "the token cache", lambda: tensor_bytes(obj)):
+            atomic_write(cache_path, lambda f: torch.save(obj, f))
     return seqs
 
 

@@ -71,6 +71,27 @@ def test_load_texts_non_utf8_fallback_is_noted_once_and_short(tmp_path, monkeypa
     assert str(tmp_path) not in notes[0]
 
 
+def test_binary_files_named_txt_are_refused_and_utf16_is_read(tmp_path):
+    """An executable named .txt would decode as Windows-1252 byte soup; text with a UTF-16 byte-order mark is text."""
+    import os
+    import sys
+
+    elf = tmp_path / "d" / "program.txt"
+    elf.parent.mkdir()
+    elf.write_bytes(Path(os.path.realpath(sys.executable)).read_bytes()[:65536])
+    (tmp_path / "d" / "fine.txt").write_text("ordinary text")
+    for path in (elf, elf.parent):
+        with pytest.raises(ValueError, match=rf"{elf} is not a text file \(it holds NUL bytes"):
+            load_texts(path)
+    controls = tmp_path / "controls.txt"
+    controls.write_bytes(bytes(range(1, 32)) * 20)
+    with pytest.raises(ValueError, match=r"is not a text file \(\d+% of its first bytes are control characters"):
+        load_texts(controls)
+    utf16 = tmp_path / "utf16.txt"
+    utf16.write_bytes("naïve text".encode("utf-16"))  # with its byte-order mark
+    assert load_texts(utf16) == ["naïve text"]
+
+
 def test_load_texts_bbc_corpus():
     texts = load_texts(_bbc_dir() / "tech")
     assert len(texts) == len(list((_bbc_dir() / "tech").glob("*.txt"))) > 100
