@@ -86,6 +86,8 @@ class TaskData:
     n_train: int  # training examples (QA: questions)
     n_train_windows: int  # training sequences (QA: windows; classification: = n_train)
     label2id: dict[str, int] | None = None  # classification: the label map the ids follow
+    # batch size → every training sequence once, in index order ("index"/"feature_index" 0, 1, ...; a teacher cache)
+    train_in_order: Callable[[int], Iterator[dict]] | None = None
 
 
 def seq_len(data: TaskDataOptions, task: str) -> int:
@@ -133,9 +135,13 @@ def prepare_classification(train_data: ClassificationData, val: ClassificationDa
     n = len(train_ids)
     eval_batches = list(classification_batches(val_ids, val.labels, data.batch_size, pad, shuffle=False))
     per_epoch = n // data.batch_size if n >= data.batch_size else 1
+
+    def in_order(batch_size: int) -> Iterator[dict]:
+        return classification_batches(train_ids, train_data.labels, batch_size, pad, shuffle=False)
+
     return TaskData(
         "classification", tokenizer, _resumable(make_epoch, n, data.batch_size, seed),
-        EvalSet(eval_batches, labels=list(val.labels)), per_epoch, n, n, train_data.label2id,
+        EvalSet(eval_batches, labels=list(val.labels)), per_epoch, n, n, train_data.label2id, in_order,
     )  # fmt: skip
 
 
@@ -160,8 +166,12 @@ def prepare_qa(data: TaskDataOptions, tokenizer, seed: int) -> TaskData:
     n = len(train_f)
     per_epoch = n // data.batch_size if n >= data.batch_size else 1
     eval_set = EvalSet(list(qa_batches(val_f, data.batch_size, pad)), examples=val, features=val_f, pad_id=pad)
+
+    def in_order(batch_size: int) -> Iterator[dict]:
+        return qa_batches(train_f, batch_size, pad)
+
     return TaskData("qa", tokenizer, _resumable(make_epoch, n, data.batch_size, seed), eval_set, per_epoch,
-                    len(examples), n)  # fmt: skip
+                    len(examples), n, train_in_order=in_order)  # fmt: skip
 
 
 def prepare_task_data(task: str, data: TaskDataOptions, tokenizer_dir, seed: int, label2id_of=None) -> TaskData:

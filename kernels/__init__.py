@@ -38,7 +38,7 @@ from kernels.fused_linear import (
 )
 from kernels.kd import KDLoss, kd_loss
 from kernels.softmax import LogSoftmax, Softmax, log_softmax, softmax
-from kernels.sparse_kd import SparseDistillLoss, sparse_distill_loss, sparse_kd_ce_rows, sparse_targets
+from kernels.sparse_kd import SparseDistillLoss, SparseTargets, sparse_distill_loss, sparse_kd_ce_rows, sparse_targets
 
 __all__ = [
     "CosineLoss",
@@ -51,6 +51,7 @@ __all__ = [
     "LogSoftmax",
     "Softmax",
     "SparseDistillLoss",
+    "SparseTargets",
     "cosine_loss",
     "cross_entropy",
     "distill_loss",

@@ -72,6 +72,8 @@ K·(4 + 4) + 4 bytes per row for fp32 logits and int32 ids, against V·2 for a b
 V = 30522: 1/118).
 """
 
+from typing import NamedTuple
+
 import torch
 import triton
 import triton.language as tl
@@ -492,14 +494,19 @@ def sparse_distill_loss(
     return DistillLossOutput(*out)
 
 
+class SparseTargets(NamedTuple):
+    """A teacher's rows as `sparse_distill_loss` takes them (and a teacher cache stores them)."""
+
+    values: torch.Tensor  # (..., K) float: the teacher's logits at `indices`, not divided by T
+    indices: torch.Tensor  # (..., K) int32/int64 distinct vocabulary ids
+    lse: torch.Tensor  # (...) float: logsumexp(t/T) over the teacher's whole row
+
+
 @torch.no_grad()
-def sparse_targets(
-    teacher_logits: torch.Tensor, k: int, temperature: float
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """A teacher's logits (..., V) → (top-K logits (..., K) fp32, their ids (..., K) int32, logsumexp(t/T) (...) fp32),
-    what `sparse_distill_loss` takes and a teacher cache stores. K = V keeps every entry (ids in vocabulary order, so
-    the result is the dense row: exact). Ties at the K-th logit are broken by `torch.topk`; any choice is exact for
-    the ids it keeps."""
+def sparse_targets(teacher_logits: torch.Tensor, k: int, temperature: float) -> SparseTargets:
+    """A teacher's logits (..., V) → SparseTargets(top-K logits (..., K) fp32, their ids (..., K) int32,
+    logsumexp(t/T) (...) fp32). K ≥ V keeps every entry (ids in vocabulary order, so the result is the dense row:
+    exact). Ties at the K-th logit are broken by `torch.topk`; any choice is exact for the ids it keeps."""
     check.logits("teacher_logits", teacher_logits)
     temperature = check.temperature(temperature)
     v = teacher_logits.shape[-1]
@@ -508,9 +515,9 @@ def sparse_targets(
     lse = torch.logsumexp(t / temperature, dim=-1)
     if k >= v:
         ids = torch.arange(v, device=t.device).expand_as(t)
-        return t.clone(), ids.to(torch.int32).contiguous(), lse
+        return SparseTargets(t.clone(), ids.to(torch.int32).contiguous(), lse)
     values, ids = torch.topk(t, k, dim=-1)
-    return values, ids.to(torch.int32), lse
+    return SparseTargets(values, ids.to(torch.int32), lse)
 
 
 class SparseDistillLoss(torch.nn.Module):
