@@ -31,7 +31,15 @@ import torch
 from engine.batching import to_device
 from engine.masking import mask_tokens
 from engine.options import KDOptions, ObjectiveOptions
-from kernels import cosine_loss, cross_entropy, distill_loss, fused_linear_cross_entropy, fused_linear_distill_loss
+from kernels import (
+    SparseTargets,
+    cosine_loss,
+    cross_entropy,
+    distill_loss,
+    fused_linear_cross_entropy,
+    fused_linear_distill_loss,
+    sparse_distill_loss,
+)
 
 
 @dataclass
@@ -177,12 +185,20 @@ def classification_kd_loss(
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """α·CE(s, y) + (1−α)·T²·KL(softmax(t/T) ‖ softmax(s/T)) averaged over the batch; one kernel pass.
 
-    Returns (loss, {"kd", "ce"}) like `qa_kd_loss`: the unweighted batch means, detached, for logging.
+    Returns (loss, {"kd", "ce"}) like `qa_kd_loss`: the unweighted batch means, detached, for logging. The teacher
+    may be `SparseTargets` (a teacher cache): the same loss on the top-K + tail formula, exact when K = C.
     """
-    out = distill_loss(
-        student_logits, teacher_logits, labels=labels, temperature=temperature, kd_weight=1 - alpha, ce_weight=alpha
-    )
+    out = _kd_ce(student_logits, teacher_logits, labels, temperature, 1 - alpha, alpha)
     return out.loss, {"kd": out.kd, "ce": out.ce}
+
+
+def _kd_ce(student_logits, teacher, labels, temperature: float, kd_weight, ce_weight):
+    """The one KD+CE kernel call of the task losses: dense teacher logits, or a teacher cache's `SparseTargets`."""
+    if isinstance(teacher, SparseTargets):
+        return sparse_distill_loss(student_logits, *teacher, labels=labels, temperature=temperature,
+                                   kd_weight=kd_weight, ce_weight=ce_weight)  # fmt: skip
+    return distill_loss(student_logits, teacher, labels=labels, temperature=temperature, kd_weight=kd_weight,
+                        ce_weight=ce_weight)  # fmt: skip
 
 
 def qa_kd_loss(
@@ -199,8 +215,9 @@ def qa_kd_loss(
 
     def one(s, t, y):
         s = s.float().masked_fill(pad, neg_inf)
-        t = t.float().masked_fill(pad, neg_inf)
-        return distill_loss(s, t, labels=y, temperature=temperature, kd_weight=alpha_ce / 2, ce_weight=alpha_qa / 2)
+        if not isinstance(t, SparseTargets):  # a teacher cache's targets hold −inf at pads already
+            t = t.float().masked_fill(pad, neg_inf)
+        return _kd_ce(s, t, y, temperature, alpha_ce / 2, alpha_qa / 2)
 
     a, b = one(student_start, teacher_start, start_positions), one(student_end, teacher_end, end_positions)
     return a.loss + b.loss, {"kd": (a.kd + b.kd) / 2, "ce": (a.ce + b.ce) / 2}
@@ -282,7 +299,9 @@ class TaskLoss:
         ids, mask, types = b["input_ids"], b["attention_mask"], b.get("token_type_ids")
         s = self.student(ids, mask, types)
         t = None
-        if self.teacher is not None:
+        if hasattr(self.teacher, "targets_for"):  # a teacher cache: looked up by the CPU batch's example indices
+            t = self.teacher.targets_for(batch, self.device)
+        elif self.teacher is not None:
             with torch.no_grad():
                 t = self.teacher(ids, mask, types)
         return task_loss(self.task, s, t, b, self.kd)
