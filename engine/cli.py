@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from engine import defaults
 from engine.options import (
     ADAPT_SECTIONS,
+    CACHE_TEACHER_SECTIONS,
     FINETUNE_SECTIONS,
     INIT_STUDENT_SECTIONS,
     PRETRAIN_SECTIONS,
@@ -31,7 +32,7 @@ def _pretrain(args: argparse.Namespace) -> dict:
     if args.data is None:
         profile["data"] = [str(defaults.bbc_news_dir())]
     options = build_options(args, *PRETRAIN_SECTIONS, profile=profile)
-    if bundled:
+    if bundled and not options[0].teacher_cache:  # from a cache, the teacher is the one it names
         options[0].teacher = str(bundled_teacher(options[-1]))
     return pretrain(*options)
 
@@ -82,6 +83,29 @@ def _task(args: argparse.Namespace) -> dict:
     return distill_task(opts, data, kd, optim, run)
 
 
+def _cache_teacher(args: argparse.Namespace) -> dict:
+    from engine.teacher_cache import cache_teacher
+
+    profile = {"out": "runs/teacher-cache"}
+    if args.teacher is None and args.data is None:  # the bundled teachers and data, sized as their demos
+        if getattr(args, "task", None) == "mlm":
+            from engine.pretrain import bundled_teacher
+
+            data = [str(defaults.bbc_news_dir())]
+            profile = {**defaults.DEMO_PRETRAIN, "out": "runs/teacher-cache-mlm", "data": data}
+            options = build_options(args, *CACHE_TEACHER_SECTIONS, profile=profile)
+            options[0].teacher = str(bundled_teacher(options[-1]))
+            return cache_teacher(*options)
+        from engine.finetune import bundled_teacher
+
+        _bundled_task(args, ("teacher", "data"))  # QA has no bundled default: a clear error
+        profile.update(defaults.DEMO_TASK, out="runs/teacher-cache", data=[str(defaults.bbc_news_dir())])
+        options = build_options(args, *CACHE_TEACHER_SECTIONS, profile=profile)
+        options[0].teacher = str(bundled_teacher(options[1], options[-1]))
+        return cache_teacher(*options)
+    return cache_teacher(*build_options(args, *CACHE_TEACHER_SECTIONS, profile=profile))
+
+
 def _init_student(args: argparse.Namespace) -> dict:
     from engine.student import init_student
 
@@ -117,6 +141,11 @@ COMMANDS = [
             "With no --model/--data: the bundled MiniLM on BBC News."),
     Command("init-student", "initialize a student from teacher layers (BERT -> DistilBERT or shallower BERT)",
             INIT_STUDENT_SECTIONS, _init_student),
+    Command("cache-teacher", "run a teacher once and store its top-K outputs, to distill from with --teacher-cache",
+            CACHE_TEACHER_SECTIONS, _cache_teacher, {"out": "runs/teacher-cache"},
+            "Classification and QA store whole rows (exact); mlm stores --mask-copies fixed masked copies of each "
+            "sequence (static masking). With no --teacher/--data: the bundled teacher of `distill task` (or, with "
+            "--task mlm, of `distill pretrain`) on BBC News, with that command's demo data settings."),
     Command("finetune", "fine-tune a checkpoint for classification or QA (makes teachers; no arguments: the demo)",
             FINETUNE_SECTIONS, _finetune, {**defaults.FINETUNE_PROFILE, "out": "runs/finetune"},
             "With no --model/--data: MiniLM on BBC News with " + ", ".join(

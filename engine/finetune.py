@@ -236,13 +236,20 @@ def distill_task(opts: TaskOptions, data: TaskDataOptions, kd: KDOptions, optim:
     check_task(opts.task)
     device, precision = setup(run)
     task = opts.task
-    if not opts.teacher:
+    cache = None  # with --teacher-cache no teacher is loaded: its outputs come from the cache (engine.teacher_cache)
+    if opts.teacher_cache:
+        from engine.teacher_cache import TaskTeacherCache
+
+        cache = TaskTeacherCache(opts.teacher_cache, task)
+        teacher_dir = cache.teacher_folder(opts.teacher, opts.student or opts.student_from)
+    elif not opts.teacher:
         raise ValueError(
             "--teacher is required: a checkpoint fine-tuned on the task (make one with `distill finetune`)"
         )
-    teacher_dir = Path(opts.teacher)
-    ModelConfig.from_pretrained(teacher_dir)
-    if not has_task_head(teacher_dir, task):
+    else:
+        teacher_dir = Path(opts.teacher)
+        ModelConfig.from_pretrained(teacher_dir)
+    if cache is None and not has_task_head(teacher_dir, task):
         raise ValueError(
             f"teacher {teacher_dir} has no {task} head ({HEAD_KEY[task]} is not in its weights): it has not been "
             f"fine-tuned for {task}; fine-tune it first with `distill finetune --task {task} --model {teacher_dir}`"
@@ -251,7 +258,9 @@ def distill_task(opts: TaskOptions, data: TaskDataOptions, kd: KDOptions, optim:
     label2id_of = (lambda ours: teacher_label_map(teacher_dir, ours)) if task == "classification" else None
     td = prepare_task_data(task, data, teacher_dir, run.seed, label2id_of)
     out = prepare_out_dir(run.out, run.resume, run.overwrite, record)
-    teacher = load_frozen(teacher_dir, task, device, precision, label2id=td.label2id)
+    if cache is not None:
+        cache.check(td, kd.temperature, opts.teacher)
+    teacher = cache or load_frozen(teacher_dir, task, device, precision, label2id=td.label2id)
     source = Path(opts.student_from or teacher_dir)
     student_dir = student_checkpoint(opts.student, source, out, opts.student_arch, opts.student_num_layers)
 
@@ -262,14 +271,15 @@ def distill_task(opts: TaskOptions, data: TaskDataOptions, kd: KDOptions, optim:
     student = new_student()
     check_same_vocabulary(teacher_dir, student_dir, teacher, student)
     check_lengths(seq_len(data, task), td.tokenizer, teacher, student)
-    skip_input_checks(teacher, student)
+    skip_input_checks(student, *([teacher] if cache is None else []))
     optim = _steps_from_epochs(optim, data, td)
     print(
-        f"teacher {teacher_dir} ({describe(teacher)}) -> student {student_dir} ({describe(student)}); {task}: "
-        f"{td.n_train} train / {td.eval.size} validation examples; {optim.steps} steps; {device} {precision}"
+        f"teacher {teacher_dir} ({cache.describe() if cache else describe(teacher)}) -> student {student_dir} "
+        f"({describe(student)}); {task}: {td.n_train} train / {td.eval.size} validation examples; {optim.steps} "
+        f"steps; {device} {precision}"
     )
     t0 = time.perf_counter()
-    teacher_metrics = evaluate_model(teacher, td.eval, device, precision, data)
+    teacher_metrics = cache.teacher_metrics(td) if cache else evaluate_model(teacher, td.eval, device, precision, data)
     print(f"teacher validation {MAIN_METRIC[task]}: {teacher_metrics[MAIN_METRIC[task]]:.4f}")
 
     distilled = run_phase(
@@ -290,13 +300,14 @@ def distill_task(opts: TaskOptions, data: TaskDataOptions, kd: KDOptions, optim:
             return interrupted(baseline["step"], out / "baseline")
         del base_model
 
-    speed = measure_speed({"teacher": teacher, "student": student}, td.eval, td.tokenizer.pad_token_id, device,
-                          precision, opts.latency_iters)  # fmt: skip
-    t_speed, s_speed = speed["teacher"], speed["student"]
+    timed = {"student": student} if cache else {"teacher": teacher, "student": student}  # a cache has no speed
+    speed = measure_speed(timed, td.eval, td.tokenizer.pad_token_id, device, precision, opts.latency_iters)
+    t_speed, s_speed = speed.get("teacher", {}), speed["student"]
     key = MAIN_METRIC[task]
+    t_entry = cache.entry(teacher_metrics) if cache else _model_entry(teacher_dir, teacher, teacher_metrics, t_speed)
     report = {
         "task": task,
-        "teacher": _model_entry(teacher_dir, teacher, teacher_metrics, t_speed),
+        "teacher": t_entry,
         "distilled_student": _model_entry(out / "student", student, distilled["metrics"], s_speed),
         "validation_examples": td.eval.size,
         "train_examples": td.n_train,
@@ -307,8 +318,8 @@ def distill_task(opts: TaskOptions, data: TaskDataOptions, kd: KDOptions, optim:
         "distill_seconds": distilled["train_seconds"],
         "distill_first_loss": distilled["first_loss"],
         "distill_last_loss": distilled["last_loss"],
-        "latency_speedup": t_speed["latency_ms"] / s_speed["latency_ms"] if s_speed else None,
-        "throughput_speedup": s_speed["throughput"] / t_speed["throughput"] if s_speed else None,
+        "latency_speedup": t_speed["latency_ms"] / s_speed["latency_ms"] if s_speed and t_speed else None,
+        "throughput_speedup": s_speed["throughput"] / t_speed["throughput"] if s_speed and t_speed else None,
         "device": str(device),
         "precision": precision,
     }
@@ -322,6 +333,8 @@ def distill_task(opts: TaskOptions, data: TaskDataOptions, kd: KDOptions, optim:
         rows.append(("student, no teacher", report["baseline_student"]))
     if td.label2id is not None:
         report["labels"] = sorted(td.label2id, key=td.label2id.get)
+    if cache is not None:
+        report["teacher_cache"] = cache.summary()
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
     write_json(out / "report.json", report)
     print(_table(task, rows))

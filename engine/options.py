@@ -8,6 +8,7 @@ Commands and their sections (each tuple is a command's whole configuration, in `
     finetune      FINETUNE_SECTIONS   finetune, taskdata, optim, run
     task          TASK_SECTIONS       task, taskdata, kd, optim, run
     init-student  INIT_STUDENT_SECTIONS
+    cache-teacher CACHE_TEACHER_SECTIONS  cacheteacher, taskdata, masking, run
 
 Names: the pretraining flags keep the names of the original DistilBERT code, which users of the paper know, though
 two of them say "ce" for the *distillation* term: `--alpha-ce` is the weight of the KD term (KL at temperature T)
@@ -50,6 +51,9 @@ class ModelOptions:
     student_arch: str = opt("distilbert", "architecture of a student made from the teacher", ARCHS)
     student_layers: list[int] = opt([], "teacher layers the student starts from (default: spread evenly)")
     student_num_layers: int = opt(0, "depth of a student made from the teacher (0: half the teacher's)")
+    teacher_cache: str = opt(
+        "", "train from a teacher cache (`distill cache-teacher --task mlm`: static masking) with no teacher in memory"
+    )
 
 
 @dataclass
@@ -147,6 +151,7 @@ class TaskOptions:
     student_arch: str = opt("distilbert", "architecture of an initialized student", ARCHS)
     student_num_layers: int = opt(0, "depth of an initialized student (0: half of --student-from's)")
     baseline: bool = opt(True, "also fine-tune the same student without a teacher, for the report")
+    teacher_cache: str = opt("", "train from a teacher cache (`distill cache-teacher`) with no teacher in memory")
     latency_iters: int = opt(10, "batch-1 forward passes timed per model for the latency figure (0: no speed figures)")
 
 
@@ -194,11 +199,31 @@ class InitStudentOptions:
     )
 
 
+# ---- teacher caches (distill cache-teacher) --------------------------------------------------------------------------
+
+CACHE_TASKS = ("classification", "qa", "mlm")
+
+
+@dataclass
+class CacheTeacherOptions:
+    task: str = opt("classification", "the teacher's head and data: a task, or mlm (pretraining)", CACHE_TASKS)
+    teacher: str = opt("", "teacher checkpoint (a fine-tuned task model, or one with an MLM head for mlm)")
+    top_k: int = opt(64, "logits kept per row with their ids (the whole row when K ≥ classes; QA keeps every position)")
+    temperature: float = opt(2.0, "softmax temperature T of the KD term the cache is for (its log-sum-exp is at T)")
+    mask_copies: int = opt(4, "mlm: fixed masked copies of each sequence (static masking, cycled through by epoch)")
+    restrict_ce_to_mask: bool = opt(False, "mlm: keep the teacher's rows at masked positions only (as the KD run)")
+    hidden: bool = opt(False, "mlm: also keep the last hidden states (bf16) of every real token, for the cosine term")
+    min_seq_len: int = opt(12, "mlm: shorter sequences are dropped (as `distill pretrain --min-seq-len`)")
+    heldout_fraction: float = opt(0.05, "mlm: fraction held out (as `distill pretrain --heldout-fraction`)")
+    shard_size: int = opt(4096, "examples (mlm: sequences) per shard: the unit of resumption and of multi-process work")
+
+
 PRETRAIN_SECTIONS = (ModelOptions, DataOptions, MaskingOptions, ObjectiveOptions, OptimOptions, RunOptions)
 ADAPT_SECTIONS = (AdaptOptions, DataOptions, MaskingOptions, OptimOptions, RunOptions)
 FINETUNE_SECTIONS = (FinetuneOptions, TaskDataOptions, OptimOptions, RunOptions)
 TASK_SECTIONS = (TaskOptions, TaskDataOptions, KDOptions, OptimOptions, RunOptions)
 INIT_STUDENT_SECTIONS = (InitStudentOptions,)
+CACHE_TEACHER_SECTIONS = (CacheTeacherOptions, TaskDataOptions, MaskingOptions, RunOptions)
 
 
 def _flag_type(tp):

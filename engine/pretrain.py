@@ -124,6 +124,10 @@ def _train_and_report(model, objective_fn, corpus: Corpus, models_for_eval: dict
 def pretrain(model_opts: ModelOptions, data: DataOptions, masking: MaskingOptions, objective: ObjectiveOptions,
              optim: OptimOptions, run: RunOptions) -> dict:  # fmt: skip
     """Run the DistilBERT distillation recipe; returns the report (also written to `<out>/report.json`)."""
+    if model_opts.teacher_cache:  # no teacher in memory, static masking: engine.teacher_cache
+        from engine.teacher_cache import pretrain_from_cache
+
+        return pretrain_from_cache(model_opts, data, masking, objective, optim, run)
     device, precision = setup(run)
     if not model_opts.teacher or not data.data:
         raise ValueError("--teacher and --data are required (the no-argument default pipeline sets both)")
