@@ -218,7 +218,7 @@ def _sparse_kd_ce_fwd_kernel(
     d_k = tl.zeros([BLOCK_N], dtype=tl.float64)
     q_sum = d_k
     a = tl.zeros([BLOCK_N], dtype=tl.float32)
-    bad = row_ok & False
+    bad = tl.zeros([BLOCK_N], dtype=tl.int1)
     for kstart in range(0, K, BLOCK_K):
         kc = kstart + kcols
         k_ok = row_ok[:, None] & (kc < K)[None, :]
