@@ -26,7 +26,8 @@ gradient. Extra memory is O(C·V + V·H + N·H), independent of N's product with
 on the device (no host sync). Matmuls run in the compute dtype (the autocast dtype under
 `torch.autocast`, else the inputs' dtype) with fp32 accumulation; the three gradients are kept in
 fp32 until the backward, which multiplies them by the upstream gradient and rounds them once to the
-dtypes of h_s, W_s and b_s.
+dtypes of h_s, W_s and b_s; 16-bit matmuls write fp32 outputs, so a chunk's partial ∂L/∂W_s is not
+rounded before it is summed.
 
 fp16 under loss scaling. An fp16 G formed at upstream 1 would flush the small entries that the loss
 scale of fp16 training exists to keep (see `kernels._grad`). So for an fp16 compute dtype G is
@@ -71,12 +72,17 @@ def _project(h: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None, out: torc
 
 
 def _mm(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b; for fp16 operands (K-scaled gradients, whose sums can pass fp16's 65504) with an fp32 output."""
-    if a.dtype != torch.float16:
+    """a @ b, with an fp32 output for 16-bit operands: each chunk's partial gradient is then summed across chunks
+    unrounded (one rounding in all, in the backward, where unfused torch also rounds once), and fp16's K-scaled
+    sums, which can pass 65504, cannot overflow."""
+    if a.dtype not in (torch.float16, torch.bfloat16):
         return a @ b
-    if a.is_cuda and _MM_OUT_DTYPE:
-        return torch.mm(a, b, out_dtype=torch.float32)
-    return a.float() @ b.float()  # CPU (tests) and older builds: correct, slower
+    if a.is_cuda:
+        if _MM_OUT_DTYPE:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        if a.dtype == torch.bfloat16:
+            return a @ b  # builds without it: bf16 needs no fp32 for range, and an upcast copy would cost (C, V)
+    return a.float() @ b.float()  # CPU (the interpreter's tests) and fp16 on older builds: correct, slower
 
 
 def fused_linear_distill_fwd(
@@ -152,7 +158,6 @@ def fused_linear_distill_fwd(
         if grad_h is not None:
             grad_h[rows] = _mm(g, ws)  # (C, V) @ (V, H)
         if grad_w is not None:
-            # Each chunk's Gᵀ h_s is rounded once to the compute dtype (bf16), then summed across chunks in fp32.
             grad_w += _mm(g.t(), hs)  # (V, C) @ (C, H)
         if grad_b is not None:
             grad_b += g.sum(0, dtype=acc)

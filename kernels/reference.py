@@ -23,6 +23,12 @@ import math
 import torch
 
 
+def _centered(x: torch.Tensor) -> torch.Tensor:
+    """x − its row maximum, a new row-major tensor (so that row sums add in the same order whatever x's strides). A
+    row of only −inf becomes NaN: it holds no distribution, as in torch."""
+    return torch.sub(x, x.amax(dim=-1, keepdim=True)).contiguous()
+
+
 def _scale(x, ref: torch.Tensor) -> torch.Tensor:
     return torch.as_tensor(x, dtype=ref.dtype, device=ref.device)
 
@@ -55,16 +61,25 @@ def kd_ce_rows_reference(
     # each [N, V] pass costs as much as the arithmetic.
     if teacher is not None:
         rows = torch.ones(n, dtype=torch.bool, device=s.device) if kd_mask is None else kd_mask.bool()
-        log_ps = torch.log_softmax(s / temperature, dim=-1)  # (N, V)
-        log_pt = torch.log_softmax(teacher.to(acc) / temperature, dim=-1)  # (N, V)
-        pt = log_pt.exp()
-        # Σ p_t (log p_t − log p_s) with 0·log 0 = 0: where p_t = 0 (t = −inf) the product is 0 or 0·(±inf) = NaN
-        # and is set to 0; where p_t > 0 it is finite or +inf (log p_s = −inf: the student rules out a teacher
-        # token). A NaN p_t (NaN in t, or a row of −inf) and a NaN log p_s stay NaN, as in torch.
-        kl = log_pt.sub_(log_ps).mul_(pt).masked_fill_(pt == 0, 0.0).sum(-1)
+        # The kernel's fold (`kernels.distill`): with x = (s − max s)/T and u = (t − max t)/T (centred before the
+        # division, which would otherwise round at |s/T|, the logits' size), d_s = Σ e^x, d_t = Σ e^u,
+        #     KL = Σ_v e^u_v (u_v − x_v) / d_t + log(d_s/d_t),
+        # whose terms have the size of the logits' spread; the log of the ratio is log1p((d_s − d_t)/d_t), exact
+        # where the two sums are close. torch's Σ p_t (log p_t − log p_s) subtracts two log-probabilities of the
+        # size of log V instead, which at T = 20 leaves ~1e-6 of noise in a KL of ~1e-2.
+        x = _centered(s).div_(temperature)  # (N, V)
+        u = _centered(teacher.to(acc)).div_(temperature)  # (N, V)
+        e_t, e_s = u.exp(), x.exp()  # (N, V) each: p_t·d_t and p_s·d_s
+        d_t, d_s = e_t.sum(-1), e_s.sum(-1)
+        # 0·log 0 = 0 where p_t = 0 (t = −inf): the product is 0 or 0·(±inf) = NaN there and is set to 0. Where
+        # p_t > 0 it is finite or +inf (the student rules out a teacher token). NaN in a row (or a row of −inf,
+        # which centring turns into NaN) stays NaN, as in torch.
+        a = u.sub_(x).mul_(e_t).masked_fill_(e_t == 0, 0.0).sum(-1)
+        kl = a / d_t + torch.log1p((d_s - d_t) / d_t)
         kd_row = torch.where(rows, kl * temperature**2, kd_row)
         if compute_grad:
-            grad = log_ps.exp_().sub_(pt).mul_(temperature * _scale(kd_scale, s))  # T·scale·(p_s − p_t)
+            p_t = e_t.div_(d_t[:, None])
+            grad = e_s.div_(d_s[:, None]).sub_(p_t).mul_(temperature * _scale(kd_scale, s))  # T·scale·(p_s − p_t)
             grad.masked_fill_(~rows[:, None], 0.0)
     if labels is not None:
         labels = labels.long()

@@ -49,7 +49,9 @@ def test_cosine_loss_accuracy(impl, n, h, dtype):
     term = upstream / (s.double().norm(dim=-1)[mask].min().item() * mask.sum().item())
     g_scale = max(truth[1].abs().max().item(), term)
     torch.testing.assert_close(ours[1].double(), truth[1], atol=TOL[dtype]["atol"] * g_scale, rtol=TOL[dtype]["rtol"])
-    assert_accuracy_rule(ours[0], same[0], truth[0], dtype, "loss")
+    # 1 − cos lies in [0, 2]: its rounding is relative to 1, not to a loss that happens to be ~0 (H = 1, where
+    # CosineEmbeddingLoss's own 1e-12 in the norms is all that separates it from 0).
+    assert_accuracy_rule(ours[0], same[0], truth[0], dtype, "loss", scale=1.0)
     assert_accuracy_rule(ours[1], same[1], truth[1], dtype, "grad", scale=g_scale)
 
 

@@ -291,13 +291,14 @@ OFFSETS = [(1e3, 0.0), (1e4, 0.0), (0.0, 1e4), (1e5, 1e5), (1e3, -1e3), (-1e5, 0
 TEMPERATURES = [1e-3, 0.1, 1.0, 2.0, 20.0]
 
 
-def within_twice_torch(ours, theirs, truth, what):
-    """|ours − truth| ≤ 2·|torch fp32 − truth| + 16 fp32 ulps of the largest entry.
+def within_twice_torch(ours, theirs, truth, what, size=0.0):
+    """|ours − truth| ≤ 2·|torch fp32 − truth| + 16 fp32 ulps of the largest entry, or of `size` when larger.
 
-    Where both are accurate to a few ulps, which of the two lands closer is chance, hence the ulps; the defects this
-    guards against are hundreds of ulps (2⁻²⁴ of the logits' size, not of the result's)."""
+    Where both are accurate to a few ulps, which of the two lands closer is chance, hence the ulps; `size` is the
+    size of the terms a result is the difference of (a small KL at T = 20 is two O(1) terms minus each other, in
+    torch as in ours). The defects this guards against are hundreds of ulps of the logits' size, not the terms'."""
     e_ours, e_torch = max_err(ours, truth), max_err(theirs, truth)
-    bound = 2 * e_torch + 2**-20 * truth.abs().max().item()
+    bound = 2 * e_torch + 2**-20 * max(truth.abs().max().item(), size)
     assert e_ours <= bound, f"{what}: error {e_ours:.3e} > 2 × torch's {e_torch:.3e}"
 
 
@@ -320,8 +321,14 @@ def test_large_offsets_and_temperatures(impl, offsets, temperature, v):
     theirs = torch_rows(s, t, y, torch.ones(n, dtype=torch.bool, device=impl), temperature, 0.1, kd_scale, ce_scale)
     truth = torch_rows(s.double(), t.double(), y, torch.ones(n, dtype=torch.bool, device=impl), temperature, 0.1,
                        kd_scale, ce_scale)  # fmt: skip
-    for what, o, th, tr in zip(("kd_row", "ce_row", "grad"), ours, theirs, truth):
-        within_twice_torch(o, th, tr, f"{what} at offsets {offsets}, T={temperature}")
+    # KL = E_pt[δ] + log E_pt[e^−δ] with δ = ((t − max t) − (s − max s))/T: T² times the size of those two terms.
+    s64, t64 = s.double(), t.double()
+    delta = ((t64 - t64.amax(-1, keepdim=True)) - (s64 - s64.amax(-1, keepdim=True))) / temperature
+    p_t = torch.softmax(t64 / temperature, -1)
+    kl_terms = (p_t * delta.abs()).sum(-1) + (p_t * (-delta).exp()).sum(-1).log().abs()
+    sizes = (temperature**2 * kl_terms.max().item(), 0.0, 0.0)
+    for what, o, th, tr, size in zip(("kd_row", "ce_row", "grad"), ours, theirs, truth, sizes):
+        within_twice_torch(o, th, tr, f"{what} at offsets {offsets}, T={temperature}", size)
 
 
 @pytest.mark.parametrize("temperature", [0.5, 2.0])
