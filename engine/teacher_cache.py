@@ -647,13 +647,13 @@ class MLMTeacherCache:
             r0, r1 = int(a["row_offsets"][u]), int(a["row_offsets"][u + 1])
             masked.append(a["masked_ids"][t0:t1].tolist())
             originals.append(self.seqs[i].tolist())
-            chosen.append(torch.from_numpy(a["chosen"][t0:t1].astype(np.bool_)))
-            values.append(torch.from_numpy(np.asarray(a["values"][r0:r1])))
-            lse.append(torch.from_numpy(np.asarray(a["lse"][r0:r1])))
+            chosen.append(torch.from_numpy(a["chosen"][t0:t1].astype(np.bool_)))  # a copy: the map is read-only
+            values.append(torch.from_numpy(np.array(a["values"][r0:r1])))
+            lse.append(torch.from_numpy(np.array(a["lse"][r0:r1])))
             if not m["dense"]:
-                indices.append(torch.from_numpy(np.asarray(a["indices"][r0:r1])))
+                indices.append(torch.from_numpy(np.array(a["indices"][r0:r1])))
             if m["hidden"]:
-                hidden.append(torch.from_numpy(np.asarray(a["hidden"][t0:t1])).view(torch.bfloat16))
+                hidden.append(torch.from_numpy(np.array(a["hidden"][t0:t1])).view(torch.bfloat16))
         ids, attn = pad_to_multiple(masked, pad_id, multiple_of)
         orig, _ = pad_to_multiple(originals, pad_id, multiple_of)
         picked = torch.zeros_like(attn, dtype=torch.bool)
