@@ -122,6 +122,7 @@ class LengthGroupedBatches:
         pad_to_multiple: int = 8,
         shuffle: bool = True,
         pin_memory: bool = False,
+        indices: torch.Tensor | None = None,
     ):
         """
         Args:
@@ -136,9 +137,13 @@ class LengthGroupedBatches:
             pad_to_multiple: L is rounded up to a multiple of this (8 suits tensor cores).
             shuffle: False gives a fixed, unshuffled order (evaluation).
             pin_memory: return batches in pinned host memory (for non_blocking copies to CUDA).
+            indices: (M,) int64, batch only these sequences, in this order (a split that shares a memory-mapped
+                token store instead of copying it, `engine.corpus.split_indices`); the same batches as
+                `sequences.subset(indices)` gives.
         """
         self.seqs = as_sequences(sequences)
-        if len(self.seqs) == 0:
+        self.index = None if indices is None else torch.as_tensor(indices, dtype=torch.int64)
+        if self._count() == 0:
             raise ValueError("no sequences to batch (empty corpus, or all sequences dropped as too short?)")
         if batch_size < 1 or bucket_batches < 1 or pad_to_multiple < 1:
             raise ValueError("batch_size, bucket_batches and pad_to_multiple must be ≥ 1")
@@ -152,10 +157,14 @@ class LengthGroupedBatches:
         self.pin_memory = pin_memory
         self.epoch = 0  # the epoch being consumed
         self.position = 0  # batches of `epoch` already handed out
-        self._lengths = self.seqs.lengths
+        self._lengths = self.seqs.lengths if self.index is None else self.seqs.lengths[self.index]  # (M,) by position
         self._plan_cache: tuple[int, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
     # -- the plan ------------------------------------------------------------------------------
+
+    def _count(self) -> int:
+        """Sequences batched: all of `sequences`, or those of `indices`."""
+        return len(self.seqs) if self.index is None else self.index.numel()
 
     def _padded(self, n: int) -> int:
         m = self.pad_to_multiple
@@ -165,7 +174,7 @@ class LengthGroupedBatches:
         """(order (N,) int64, starts (nb,) int64, ends (nb,) int64): batch k is order[starts[k]:ends[k]]."""
         if self._plan_cache is not None and self._plan_cache[0] == epoch:
             return self._plan_cache[1:]
-        n = len(self.seqs)
+        n = self._count()
         g = torch.Generator().manual_seed(epoch_seed(self.seed, epoch))
         order = torch.randperm(n, generator=g) if self.shuffle else torch.arange(n)
         bucket = self.bucket_batches * self.batch_size
@@ -209,7 +218,8 @@ class LengthGroupedBatches:
         width = self._padded(int(lens.max()))
         pos = torch.arange(width)
         mask = pos[None, :] < lens[:, None]  # (B, L)
-        src = (self.seqs.offsets[idx][:, None] + pos[None, :]).clamp_max(max(self.seqs.num_tokens - 1, 0))
+        starts = self.seqs.offsets[idx if self.index is None else self.index[idx]]  # (B,)
+        src = (starts[:, None] + pos[None, :]).clamp_max(max(self.seqs.num_tokens - 1, 0))
         input_ids = torch.where(mask, self.seqs.ids[src].long(), self.pad_id)  # (B, L) int64
         batch = Batch(input_ids, mask.long())
         return batch.pin_memory() if self.pin_memory and torch.cuda.is_available() else batch
@@ -239,13 +249,13 @@ class LengthGroupedBatches:
 
     def state_dict(self) -> dict[str, int]:
         """{epoch, position, seed, num_sequences}: where the next batch comes from."""
-        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_sequences": len(self.seqs)}
+        return {"epoch": self.epoch, "position": self.position, "seed": self.seed, "num_sequences": self._count()}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         """Continue from `state`; the loader must be built on the same sequences and arguments."""
-        n = state.get("num_sequences", len(self.seqs))
-        if n != len(self.seqs):
-            raise ValueError(f"data state is for {n} sequences, this loader has {len(self.seqs)}: another corpus?")
+        n = state.get("num_sequences", self._count())
+        if n != self._count():
+            raise ValueError(f"data state is for {n} sequences, this loader has {self._count()}: another corpus?")
         self.seed = int(state["seed"])
         self.epoch = int(state["epoch"])
         self.position = int(state["position"])

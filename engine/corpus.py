@@ -433,17 +433,21 @@ def split_heldout(
     Returns:
         (train, heldout), each keeping the input order.
     """
+    seqs = as_sequences(sequences)
+    train, held = split_indices(len(seqs), fraction, seed)
+    return seqs.subset(train), seqs.subset(held)
+
+
+def split_indices(n: int, fraction: float = 0.05, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The split of `split_heldout` as indices: (train (n − h,) int64, heldout (h,) int64), each ascending. For a
+    memory-mapped token store, which batches these indices instead of copying its sequences."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"held-out fraction {fraction} must be in [0, 1)")
-    seqs = as_sequences(sequences)
-    n = len(seqs)
     n_held = round(fraction * n)
     if fraction > 0 and n >= 2:
         n_held = min(max(n_held, 1), n - 1)
     perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed))
-    held = perm[:n_held].sort().values
-    train = perm[n_held:].sort().values
-    return seqs.subset(train), seqs.subset(held)
+    return perm[n_held:].sort().values, perm[:n_held].sort().values
 
 
 def token_counts(sequences: Sequences | Sequence[Sequence[int]], vocab_size: int) -> torch.Tensor:

@@ -30,14 +30,14 @@ from pathlib import Path
 import torch
 
 from engine import checkpoint as ckpt
-from engine import defaults
+from engine import defaults, distributed
 from engine.atomic import write_json
 from engine.batching import EpochBatches
 from engine.config import ModelConfig
 from engine.evaluate import evaluate_model, measure_speed
 from engine.loop import train
 from engine.model import count_parameters
-from engine.objectives import TaskLoss
+from engine.objectives import TaskLoss, check_kd_options
 from engine.options import (
     FINETUNE_SECTIONS,
     FinetuneOptions,
@@ -47,19 +47,25 @@ from engine.options import (
     TaskDataOptions,
     TaskOptions,
     build_options,
+    check_ranges,
     to_dict,
 )
 from engine.report import format_table
 from engine.runs import (
     check_lengths,
+    check_out_dir,
     check_same_vocabulary,
     describe,
+    guarded,
     interrupted,
+    kept_share,
     load_frozen,
     load_task_model,
     loss_summary,
     maybe_compile,
     prepare_out_dir,
+    release_replaced,
+    save_model,
     setup,
     skip_input_checks,
     student_checkpoint,
@@ -98,12 +104,13 @@ def run_phase(name: str, model, loss_fn: TaskLoss, td: TaskData, optim: OptimOpt
     phase_dir.mkdir(parents=True, exist_ok=True)
     done = phase_dir / "result.json"
     if run.resume and done.is_file() and (model_out / "config.json").is_file():
-        print(f"{name}: finished before; results read from {done}, model from {model_out}")
-        ckpt.load_state_into(model, model_out)  # the trained weights, for what follows (speed, later phases)
-        return json.loads(done.read_text())
+        finished = json.loads(done.read_text())
+        if finished["steps"] == optim.steps:  # else --steps grew: the phase continues from its checkpoint
+            print(f"{name}: finished before; results read from {done}, model from {model_out}")
+            ckpt.load_state_into(model, model_out)  # the trained weights, for what follows (speed, later phases)
+            return finished
+    # A start without a checkpoint begins afresh (the loop then starts a new metrics.jsonl).
     resume = run.resume and (phase_dir / "checkpoint" / "trainer_state.pt").is_file()
-    if not resume:
-        (phase_dir / "metrics.jsonl").unlink(missing_ok=True)  # the loop appends: start a fresh log
     quick = td.eval.head(run.eval_batches)
 
     def evaluate(step: int) -> dict:
@@ -113,19 +120,19 @@ def run_phase(name: str, model, loss_fn: TaskLoss, td: TaskData, optim: OptimOpt
     result = train(
         model, loss_fn, td.train, optim, replace(run, resume=resume), phase_dir, device, precision,
         tokenizer_dir=tokenizer_dir, evaluate=evaluate, tokens_in=lambda b: b["attention_mask"].sum(),
-        options_record=record,
+        options_record=record, on_save=lambda step: release_replaced(run.out),
     )  # fmt: skip
     if result.interrupted:
         return {"interrupted": True, "step": result.step}
     metrics = evaluate_model(model, td.eval, device, precision, data)
-    ckpt.save_model(model, model_out, tokenizer_dir=tokenizer_dir)
+    save_model(model, model_out, tokenizer_dir)
     out = {
         "metrics": metrics,
         "steps": result.step,
         "train_seconds": round(result.seconds, 1),
         **loss_summary(phase_dir / "metrics.jsonl", phase_dir / "loss_curve.png", ("loss", "kd", "ce")),
     }
-    write_json(done, out)
+    distributed.run_on_main(lambda: write_json(done, out), share_result=False)
     return out
 
 
@@ -173,6 +180,7 @@ def _model_entry(path, model, metrics: dict, speed: dict) -> dict:
 # ---- the commands ----------------------------------------------------------------------------------------------------
 
 
+@guarded
 def finetune(ft: FinetuneOptions, data: TaskDataOptions, optim: OptimOptions, run: RunOptions) -> dict:
     """Plain fine-tuning of `ft.model` on the task (how teachers are made); the model goes to `<out>/model`.
 
@@ -184,24 +192,29 @@ def finetune(ft: FinetuneOptions, data: TaskDataOptions, optim: OptimOptions, ru
     if not ft.model:
         raise ValueError("--model is required (the no-argument default sets the bundled MiniLM)")
     model_dir = Path(ft.model)
-    ModelConfig.from_pretrained(model_dir)  # a clear error for a wrong path before the data work
+    config = ModelConfig.from_pretrained(model_dir)  # a clear error for a wrong path before the data work
+    check_ranges(ft, data, optim, run)
+    distributed.check_batch_size(data.batch_size)
     record = to_dict(ft, data, optim, run)
+    check_out_dir(run, record)
     td = prepare_task_data(ft.task, data, model_dir, run.seed, lambda ours: checkpoint_label_map(model_dir, ours))
+    check_lengths(seq_len(data, ft.task), td.tokenizer, config)
     out = prepare_out_dir(run.out, run.resume, run.overwrite, record)
     model = load_task_model(model_dir, ft.task, td.label2id, device)
-    check_lengths(seq_len(data, ft.task), td.tokenizer, model)
     skip_input_checks(model)
     optim = _steps_from_epochs(optim, data, td)
     print(
         f"fine-tuning {model_dir} ({describe(model)}) for {ft.task}: {td.n_train} train / {td.eval.size} validation "
         f"examples; {optim.steps} steps; {device} {precision}"
     )
-    loss_fn = TaskLoss(ft.task, model, device=device)
+    loss_fn = TaskLoss(ft.task, model, device=device, shard=distributed.shard())
     res = run_phase("fine-tuning", model, loss_fn, td, optim, run, out, out / "model", device, precision, model_dir,
                     record, data)  # fmt: skip
     if res.get("interrupted"):
         return interrupted(res["step"], out)
-    speed = measure_speed({"model": model}, td.eval, td.tokenizer.pad_token_id, device, precision, ft.latency_iters)
+    speed = distributed.run_on_main(  # timed on rank 0 alone: ranks sharing a machine would slow each other
+        lambda: measure_speed({"model": model}, td.eval, td.tokenizer.pad_token_id, device, precision, ft.latency_iters)
+    )
     report = {
         "task": ft.task,
         "model": _model_entry(out / "model", model, res["metrics"], speed["model"]),
@@ -216,12 +229,13 @@ def finetune(ft: FinetuneOptions, data: TaskDataOptions, optim: OptimOptions, ru
     }
     if td.label2id is not None:
         report["labels"] = sorted(td.label2id, key=td.label2id.get)
-    write_json(out / "report.json", report)
+    distributed.run_on_main(lambda: write_json(out / "report.json", report), share_result=False)
     print(_table(ft.task, [("fine-tuned", report["model"])]))
     print(f"loss {report['first_loss']} -> {report['last_loss']} in {report['steps']} steps; model: {out / 'model'}")
     return report
 
 
+@guarded
 def distill_task(opts: TaskOptions, data: TaskDataOptions, kd: KDOptions, optim: OptimOptions,
                  run: RunOptions) -> dict:  # fmt: skip
     """Distill a fine-tuned teacher into a student on the task; with `opts.baseline`, also fine-tune the same
@@ -254,14 +268,20 @@ def distill_task(opts: TaskOptions, data: TaskDataOptions, kd: KDOptions, optim:
             f"teacher {teacher_dir} has no {task} head ({HEAD_KEY[task]} is not in its weights): it has not been "
             f"fine-tuned for {task}; fine-tune it first with `distill finetune --task {task} --model {teacher_dir}`"
         )
+    check_ranges(opts, data, kd, optim, run)
+    distributed.check_batch_size(data.batch_size)
+    check_kd_options(task, kd)
     record = to_dict(opts, data, kd, optim, run)
+    check_out_dir(run, record)
     label2id_of = (lambda ours: teacher_label_map(teacher_dir, ours)) if task == "classification" else None
     td = prepare_task_data(task, data, teacher_dir, run.seed, label2id_of)
-    out = prepare_out_dir(run.out, run.resume, run.overwrite, record)
     if cache is not None:
         cache.check(td, kd.temperature, opts.teacher)
     teacher = cache or load_frozen(teacher_dir, task, device, precision, label2id=td.label2id)
     source = Path(opts.student_from or teacher_dir)
+    # A student made from --student-from's layers has its positions; a given one is checked from its config.
+    check_lengths(seq_len(data, task), td.tokenizer, teacher, ModelConfig.from_pretrained(opts.student or source))
+    out = prepare_out_dir(run.out, run.resume, run.overwrite, record)
     student_dir = student_checkpoint(opts.student, source, out, opts.student_arch, opts.student_num_layers)
 
     def new_student():
@@ -283,8 +303,8 @@ def distill_task(opts: TaskOptions, data: TaskDataOptions, kd: KDOptions, optim:
     print(f"teacher validation {MAIN_METRIC[task]}: {teacher_metrics[MAIN_METRIC[task]]:.4f}")
 
     distilled = run_phase(
-        "distillation", student, TaskLoss(task, student, teacher, kd, device), td, optim, run, out / "distill",
-        out / "student", device, precision, teacher_dir, record, data,
+        "distillation", student, TaskLoss(task, student, teacher, kd, device, distributed.shard()), td, optim, run,
+        out / "distill", out / "student", device, precision, teacher_dir, record, data,
     )  # fmt: skip
     if distilled.get("interrupted"):
         return interrupted(distilled["step"], out / "distill")
@@ -293,15 +313,17 @@ def distill_task(opts: TaskOptions, data: TaskDataOptions, kd: KDOptions, optim:
         base_model = new_student()
         td.train = EpochBatches(td.train.make_epoch, run.seed)  # the same data order as the distilled student
         baseline = run_phase(
-            "baseline", base_model, TaskLoss(task, base_model, device=device), td, optim, run, out / "baseline",
-            out / "baseline_student", device, precision, teacher_dir, record, data,
+            "baseline", base_model, TaskLoss(task, base_model, device=device, shard=distributed.shard()), td, optim,
+            run, out / "baseline", out / "baseline_student", device, precision, teacher_dir, record, data,
         )  # fmt: skip
         if baseline.get("interrupted"):
             return interrupted(baseline["step"], out / "baseline")
         del base_model
 
     timed = {"student": student} if cache else {"teacher": teacher, "student": student}  # a cache has no speed
-    speed = measure_speed(timed, td.eval, td.tokenizer.pad_token_id, device, precision, opts.latency_iters)
+    speed = distributed.run_on_main(  # timed on rank 0 alone: ranks sharing a machine would slow each other
+        lambda: measure_speed(timed, td.eval, td.tokenizer.pad_token_id, device, precision, opts.latency_iters)
+    )
     t_speed, s_speed = speed.get("teacher", {}), speed["student"]
     key = MAIN_METRIC[task]
     t_entry = cache.entry(teacher_metrics) if cache else _model_entry(teacher_dir, teacher, teacher_metrics, t_speed)
@@ -312,7 +334,7 @@ def distill_task(opts: TaskOptions, data: TaskDataOptions, kd: KDOptions, optim:
         "validation_examples": td.eval.size,
         "train_examples": td.n_train,
         "metric": key,
-        "student_keeps_of_teacher": distilled["metrics"][key] / max(teacher_metrics[key], 1e-9),
+        "student_keeps_of_teacher": kept_share(distilled["metrics"][key], teacher_metrics[key]),  # None: teacher ~0
         "kd": to_dict(kd)["kd"],
         "steps": distilled["steps"],
         "distill_seconds": distilled["train_seconds"],
@@ -336,9 +358,14 @@ def distill_task(opts: TaskOptions, data: TaskDataOptions, kd: KDOptions, optim:
     if cache is not None:
         report["teacher_cache"] = cache.summary()
     report["total_seconds"] = round(time.perf_counter() - t0, 1)
-    write_json(out / "report.json", report)
+    distributed.run_on_main(lambda: write_json(out / "report.json", report), share_result=False)
     print(_table(task, rows))
-    line = f"distilled student keeps {100 * report['student_keeps_of_teacher']:.1f}% of the teacher's {key}"
+    share = report["student_keeps_of_teacher"]
+    line = (
+        f"distilled student keeps {100 * share:.1f}% of the teacher's {key}"
+        if share is not None
+        else f"the teacher's {key} is too low to compare the student's with"
+    )
     if baseline is not None:
         diff = report["distilled_minus_baseline"] * (100 if task == "classification" else 1)
         line += f"; {diff:+.2f} points against the same student trained without a teacher"

@@ -10,9 +10,12 @@ A checkpoint (torchtitan's Stateful idea) is one directory, replaced atomically,
     model/              the trained model in Hugging Face layout (loadable by `transformers`)
     trainer_state.pt    optimizer, scaler, step guard, step, RNG states, data position, extras
 so a crash or Ctrl-C during a save leaves the previous checkpoint whole. SIGINT and SIGTERM finish
-the step in flight, save, and return.
+the step in flight, save, and return. A resume first completes a replacement that a crash cut between its two renames
+(`engine.atomic.finish_interrupted_swaps`) and cuts `metrics.jsonl` back to the checkpoint's step, so the steps
+redone after a crash are not logged twice.
 """
 
+import contextlib
 import json
 import math
 import signal
@@ -24,6 +27,8 @@ from typing import Protocol
 
 import torch
 
+from engine import distributed
+from engine.atomic import atomic_write, explain_write_errors, finish_interrupted_swaps, tensor_bytes
 from engine.checkpoint import atomic_directory, load_state_into, save_model
 from engine.options import PRECISIONS, OptimOptions, RunOptions
 from engine.scaler import DynamicLossScaler, StepGuard, lr_at
@@ -137,11 +142,64 @@ def _set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _rank_rng(state: dict, seed: int) -> dict:
+    """This rank's RNG state from a checkpoint. Data order and masking are global (the data position and the masking
+    generator are the same on every rank), so a run may resume on another world size; only the ranks' dropout streams
+    cannot carry over: a rank the checkpoint did not have starts its own from (seed, rank, step)."""
+    ranks = state.get("rng_ranks") or [state["rng"]]
+    r, saved_w = distributed.rank(), state.get("world_size", 1)
+    if saved_w != distributed.world_size():
+        print(
+            f"resuming a {saved_w}-process checkpoint on {distributed.world_size()} processes: the data order and "
+            "the masks continue exactly; dropout draws do not (they are per rank)"
+        )
+    if r < len(ranks):
+        return ranks[r]
+    torch.manual_seed(distributed.rank_seed(seed + state["step"], r))
+    return _rng_state()
+
+
+def _sum_over_ranks(sums: dict[str, torch.Tensor]) -> None:
+    """Sum every rank's share of each logged mean, in place (one all-reduce; nothing to do for one process)."""
+    if distributed.world_size() == 1 or not sums:
+        return
+    stacked = distributed.all_reduce_sum(torch.stack([v.float() for v in sums.values()]))
+    for k, v in zip(list(sums), stacked):
+        sums[k] = v
+
+
 def save_checkpoint(path: Path, model, tokenizer_dir, trainer_state: dict) -> None:
-    """Write model + trainer state into `path` atomically (the old checkpoint survives any failure)."""
-    with atomic_directory(path) as tmp:
+    """Write model + trainer state into `path` atomically (the old checkpoint survives any failure); a full disk is
+    one OSError that says how much space a checkpoint needs."""
+
+    def needed() -> int:  # the new checkpoint is written beside the old one
+        return tensor_bytes(model.state_dict()) + tensor_bytes(trainer_state)
+
+    with explain_write_errors(path, "the checkpoint", needed), atomic_directory(path) as tmp:
         save_model(model, Path(tmp) / "model", tokenizer_dir=tokenizer_dir)
-        torch.save(trainer_state, Path(tmp) / "trainer_state.pt")
+        with open(Path(tmp) / "trainer_state.pt", "wb") as f:  # closed on a failed write too (torch leaks its fd)
+            torch.save(trainer_state, f)
+
+
+def truncate_metrics(path: Path, step: int) -> int:
+    """Keep the metric lines up to `step` (a checkpoint's); a crash after a line but before its checkpoint would
+    otherwise log the redone steps twice, and a kill mid-write leaves a partial last line. Returns lines dropped."""
+    if not path.is_file():
+        return 0
+    kept, dropped = [], 0
+    for text in path.read_text().splitlines():
+        try:
+            keep = json.loads(text)["step"] <= step
+        except (ValueError, KeyError, TypeError):
+            keep = False
+        if keep:
+            kept.append(text)
+        else:
+            dropped += 1
+    if dropped:
+        data = "".join(line + "\n" for line in kept).encode()
+        atomic_write(path, lambda f: f.write(data))
+    return dropped
 
 
 def load_trainer_state(path: Path) -> dict:
@@ -165,6 +223,7 @@ def train(
     evaluate: Callable[[int], dict] | None = None,
     tokens_in: Callable[[object], torch.Tensor] | None = None,
     options_record: dict | None = None,
+    on_save: Callable[[int], None] | None = None,
 ) -> TrainResult:
     """Train `model` for `optim.steps` optimizer steps.
 
@@ -174,6 +233,7 @@ def train(
         stateful: more things to checkpoint by name (e.g. the masking generator).
         evaluate: step → metrics dict, under no_grad; run every `run.eval_every` steps and at the end.
         tokens_in: batch → number of real tokens (a device tensor), for tokens/s.
+        on_save: called with the step after each checkpoint is saved.
     Returns:
         TrainResult; metric lines also go to `out_dir/metrics.jsonl`, checkpoints to `out_dir/checkpoint`.
     """
@@ -186,7 +246,13 @@ def train(
     warmup = int(math.ceil(optim.warmup * optim.steps))
     start = 0
     if run.resume:
+        distributed.run_on_main(lambda: finish_interrupted_swaps(out_dir))
         state = load_trainer_state(ckpt_dir)
+        if state["step"] > optim.steps:
+            raise ValueError(
+                f"--steps {optim.steps}: the checkpoint in {ckpt_dir} is at step {state['step']} already; "
+                f"give --steps {state['step']} or more to continue it"
+            )
         load_state_into(model, ckpt_dir / "model")
         optimizer.load_state_dict(state["optimizer"])
         guard.load_state_dict(state["guard"])
@@ -195,8 +261,12 @@ def train(
         batches.load_state_dict(state["data"])
         for name, obj in stateful.items():
             obj.load_state_dict(state["extra"][name])
-        _set_rng_state(state["rng"])
+        _set_rng_state(_rank_rng(state, run.seed))
         start = state["step"]
+    else:
+        distributed.seed_ranks(run.seed)
+    # Under torchrun the student is replicated by DDP (its gradients all-reduced in backward); alone it is itself.
+    parallel = distributed.DataParallel(model, step_loss, device)
 
     def checkpoint(step: int) -> None:
         trainer_state = {
@@ -207,14 +277,23 @@ def train(
             "data": batches.state_dict(),
             "extra": {name: obj.state_dict() for name, obj in stateful.items()},
             "rng": _rng_state(),
+            "rng_ranks": distributed.gather_objects(_rng_state()),  # every rank's dropout stream
+            "world_size": distributed.world_size(),
             "options": options_record,
         }
-        save_checkpoint(ckpt_dir, model, tokenizer_dir, trainer_state)
+        # Rank 0 writes (the model and optimizer are the same on every rank); all wait until the checkpoint is whole.
+        distributed.run_on_main(lambda: save_checkpoint(ckpt_dir, model, tokenizer_dir, trainer_state), False)
+        if on_save is not None:
+            on_save(step)
 
-    metrics_file = open(out_dir / "metrics.jsonl", "a")  # noqa: SIM115 (closed in finally)
+    main = distributed.is_main()  # rank 0 alone writes the log and shows progress
+    if run.resume and main:
+        truncate_metrics(out_dir / "metrics.jsonl", start)
+    # A fresh start begins a fresh log; a resumed one continues it.
+    metrics_file = open(out_dir / "metrics.jsonl", "a" if run.resume else "w") if main else None  # noqa: SIM115
     history = []
     progress = None
-    if run.progress:
+    if run.progress and main:
         from tqdm.auto import tqdm
 
         progress = tqdm(total=optim.steps, initial=start, unit="step", dynamic_ncols=True)
@@ -231,12 +310,17 @@ def train(
                 lr = lr_at(step, optim.steps, warmup, optim.lr)
                 for group in optimizer.param_groups:
                     group["lr"] = lr
-                for _ in range(optim.grad_accum):
-                    batch = batches.next_batch()
-                    with autocast(device, precision):
-                        loss, terms = step_loss(batch)
-                    scaled = scaler.scale_loss(loss) if scaler is not None else loss
-                    (scaled / optim.grad_accum).backward()
+                for micro in range(optim.grad_accum):
+                    batch = batches.next_batch()  # the global batch; the objective keeps this rank's rows
+                    # Gradients are all-reduced once per optimizer step: in the last micro-batch's backward.
+                    sync = micro == optim.grad_accum - 1
+                    with contextlib.nullcontext() if sync else parallel.no_sync():
+                        with autocast(device, precision):
+                            loss, terms = parallel(batch)
+                        scaled = scaler.scale_loss(loss) if scaler is not None else loss
+                        if distributed.grad_sum_factor() != 1:
+                            scaled = scaled * distributed.grad_sum_factor()  # DDP's mean over ranks → sum of shares
+                        (scaled / optim.grad_accum).backward()
                     for k, v in {"loss": loss, **terms}.items():
                         v = v.detach().float() / optim.grad_accum
                         sums[k] = sums[k] + v if k in sums else v
@@ -246,9 +330,12 @@ def train(
                 step += 1
                 if progress is not None:
                     progress.update(1)
-                last = step == optim.steps or stop.signal is not None
+                stopping = distributed.agree_to_stop(stop.signal is not None)  # every rank stops at this step
+                last = step == optim.steps or stopping
                 if step % max(run.log_every, 1) == 0 or last:
-                    # The only host reads of training: once per log interval.
+                    # The only host reads of training: once per log interval. Each rank holds its share of every
+                    # global mean; one all-reduce sums them (tokens are counted from the global batch already).
+                    _sum_over_ranks(sums)
                     now = time.perf_counter()
                     n = step - step_last
                     line = {"step": step, "lr": lr}
@@ -263,24 +350,26 @@ def train(
                     sums, tokens = {}, torch.zeros_like(tokens)
                     t_last, step_last = now, step
                     history.append(line)
-                    metrics_file.write(json.dumps(line) + "\n")
-                    metrics_file.flush()
+                    if metrics_file is not None:
+                        metrics_file.write(json.dumps(line) + "\n")
+                        metrics_file.flush()
                     if progress is not None:
                         progress.set_postfix(loss=line["loss"], tok_s=line.get("tokens_per_s", ""))
-                if evaluate is not None and run.eval_every and step % run.eval_every == 0 and not last:
+                if evaluate is not None and run.eval_every and step % run.eval_every == 0 and not last and main:
                     record = {"step": step, "eval": evaluate(step)}
                     model.train()
                     history.append(record)
                     metrics_file.write(json.dumps(record) + "\n")
                     metrics_file.flush()
-                if stop.signal is not None:
+                if stopping:
                     interrupted = True
                     checkpoint(step)
                     break
                 if (run.save_every and step % run.save_every == 0) or last:
                     checkpoint(step)
     finally:
-        metrics_file.close()
+        if metrics_file is not None:
+            metrics_file.close()
         if progress is not None:
             progress.close()
     return TrainResult(step=step, interrupted=interrupted, history=history, seconds=time.perf_counter() - t0)

@@ -22,13 +22,22 @@ Task-specific fine-tuning and distillation (`TaskLoss`, one micro-batch):
     classification: L = α · CE(s, y) + (1 − α) · T² · KL(softmax(t/T) ‖ softmax(s/T))
     QA:             L = α_qa · ½(CE_start + CE_end) + α_ce · ½(KD_start + KD_end), pads excluded from KD
 Every term's formula lives here once; `engine.hf` and the commands call these.
+
+Many processes (`engine.distributed`): every rank receives the same global batch and keeps its rows (`Shard.rows`).
+Each term above is a mean over rows of the *global* batch, so a rank returns its local mean × its share of those rows
+(`RowShares`: local count / global count) and the ranks' losses sum to the 1-process loss, term by term. The counts
+need no collective: pretraining masks the whole global batch on every rank (the same draws a 1-process run makes:
+masking chooses exactly round(p·n_real) tokens of a batch, which no per-rank draw could reproduce), so every rank
+knows the global non-pad and masked counts; task losses are means over the batch's examples.
 """
 
-from dataclasses import dataclass
+import math
+from dataclasses import dataclass, field
 
 import torch
 
 from engine.batching import to_device
+from engine.distributed import Shard
 from engine.masking import mask_tokens
 from engine.options import KDOptions, ObjectiveOptions
 from kernels import (
@@ -44,15 +53,58 @@ from kernels import (
 
 @dataclass
 class DeviceBatch:
-    input_ids: torch.Tensor  # (B, L) int64, on the device
+    input_ids: torch.Tensor  # (B, L) int64, on the device: the whole (global) batch
     attention_mask: torch.Tensor  # (B, L) int64 or bool, on the device
-    rows: torch.Tensor  # (N,) int64 flat indices of the non-pad positions, on the device
+    rows: torch.Tensor  # (N,) int64 flat indices of the non-pad positions of this rank's rows `local`, on the device
+    local: slice = field(default_factory=lambda: slice(None))  # this rank's rows of the batch (all: 1 process)
+    share: float = 1.0  # this rank's non-pad positions / the batch's (0 for a stand-in row, `Shard.rows`)
 
 
-def device_batch(input_ids: torch.Tensor, attention_mask: torch.Tensor, device: torch.device) -> DeviceBatch:
-    """A CPU batch on the device together with its non-pad row indices (computed on the host: no device sync)."""
-    rows = attention_mask.reshape(-1).nonzero().squeeze(1)  # CPU tensor
-    return DeviceBatch(**to_device({"input_ids": input_ids, "attention_mask": attention_mask, "rows": rows}, device))
+@dataclass
+class RowShares:
+    """A rank's share of the global batch's rows by kind; a term's local mean × its share sums over ranks to the
+    global mean (1 and 1 in a 1-process run). Floats are known on the host; a tensor is a 0-dim device fp32."""
+
+    rows: float = 1.0  # non-pad rows (KD and cosine rows)
+    masked: float | torch.Tensor = 1.0  # masked rows (MLM; KD too with kd_masked_only)
+
+
+def device_batch(
+    input_ids: torch.Tensor, attention_mask: torch.Tensor, device: torch.device, shard: Shard | None = None
+) -> DeviceBatch:
+    """A CPU batch on the device with the non-pad row indices of `shard`'s rows (computed on the host: no device sync).
+
+    The whole batch goes to the device (masking draws over all of it); `rows` index the rank's slice `local`.
+    """
+    local, share = slice(None), 1.0
+    if shard is not None and shard.world > 1:
+        local, real = shard.rows(input_ids.shape[0])
+        total = int(attention_mask.sum())
+        share = int(attention_mask[local].sum()) / max(total, 1) if real else 0.0
+    rows = attention_mask[local].reshape(-1).nonzero().squeeze(1)  # CPU tensor
+    moved = to_device({"input_ids": input_ids, "attention_mask": attention_mask, "rows": rows}, device)
+    return DeviceBatch(**moved, local=local, share=share)
+
+
+def check_objective_options(opts: ObjectiveOptions, masking=None) -> None:
+    """The pretraining loss's weights, temperature and masking fractions; a clear error names the flag.
+
+    A negative weight is refused, not taken as "off": --alpha-ce -1 would turn KD off without a word, and a negative
+    MLM weight alone leaves a loss with no gradient.
+    """
+    if not (math.isfinite(opts.temperature) and opts.temperature > 0):
+        raise ValueError(f"--temperature must be > 0, got {opts.temperature}")
+    for name in ("alpha_ce", "alpha_mlm", "alpha_cos"):
+        value = getattr(opts, name)
+        if not (math.isfinite(value) and value >= 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be ≥ 0 (0 switches the term off), got {value}")
+    if opts.kd_weight == opts.alpha_mlm == opts.alpha_cos == 0:
+        raise ValueError("every loss term is switched off (alpha_ce = alpha_mlm = alpha_cos = 0)")
+    if masking is not None and masking.mask_replace + masking.random_replace > 1:
+        raise ValueError(
+            f"--mask-replace {masking.mask_replace} + --random-replace {masking.random_replace} exceed 1: they are "
+            "shares of the same chosen tokens"
+        )
 
 
 class PretrainObjective:
@@ -68,10 +120,7 @@ class PretrainObjective:
     def __init__(
         self, teacher, student, opts: ObjectiveOptions, masking, special_ids, mask_id, token_weights, generator
     ):
-        if opts.temperature <= 0:
-            raise ValueError(f"--temperature must be > 0, got {opts.temperature}")
-        if opts.kd_weight == opts.alpha_mlm == opts.alpha_cos == 0:
-            raise ValueError("every loss term is switched off (alpha_ce = alpha_mlm = alpha_cos = 0)")
+        check_objective_options(opts, masking)
         if (opts.kd_weight > 0 or opts.alpha_cos > 0) and teacher is None:
             raise ValueError("alpha_ce and alpha_cos need a teacher")
         h_s = student.config.hidden_size
@@ -106,20 +155,31 @@ class PretrainObjective:
 
     def __call__(self, batch: DeviceBatch) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         o = self.opts
-        input_ids, labels = self.mask(batch)
+        input_ids, labels = self.mask(batch)  # the whole batch: every rank draws what a 1-process run draws
+        shares = RowShares()
+        attention_mask = batch.attention_mask
+        if batch.local != slice(None):  # this rank's rows, and its shares of the global counts
+            all_masked = (labels != -100).sum()
+            input_ids, labels, attention_mask = input_ids[batch.local], labels[batch.local], attention_mask[batch.local]
+            masked = (labels != -100).sum() / all_masked.clamp_min(1) if batch.share > 0 else 0.0
+            shares = RowShares(rows=batch.share, masked=masked)
         need_teacher = o.kd_weight > 0 or o.alpha_cos > 0
         if need_teacher:
             with torch.no_grad():
-                t_hidden = self.teacher.encoder(input_ids, batch.attention_mask).last_hidden_state  # (B, L, H_t)
+                t_hidden = self.teacher.encoder(input_ids, attention_mask).last_hidden_state  # (B, L, H_t)
                 t_rows = t_hidden.flatten(0, 1).index_select(0, batch.rows)  # (N, H_t)
-        s_hidden = self.student.encoder(input_ids, batch.attention_mask).last_hidden_state  # (B, L, H)
+        s_hidden = self.student.encoder(input_ids, attention_mask).last_hidden_state  # (B, L, H)
         s_rows = s_hidden.flatten(0, 1).index_select(0, batch.rows)  # (N, H)
         row_labels = labels.reshape(-1).index_select(0, batch.rows)  # (N,)
         t_head = self.teacher.lm_head if self.teacher is not None else None
-        return triple_loss(s_rows, t_rows if need_teacher else None, row_labels, self.student.lm_head, t_head, o)
+        return triple_loss(
+            s_rows, t_rows if need_teacher else None, row_labels, self.student.lm_head, t_head, o, shares
+        )
 
 
-def triple_loss(s_rows, t_rows, labels, student_head, teacher_head, o: ObjectiveOptions):
+def triple_loss(
+    s_rows, t_rows, labels, student_head, teacher_head, o: ObjectiveOptions, shares: RowShares | None = None
+):
     """α_ce·KD(T) + α_mlm·MLM + α_cos·(1 − cos) on packed rows; the MLM head is fused into the KD+CE kernel.
 
     Args:
@@ -129,9 +189,13 @@ def triple_loss(s_rows, t_rows, labels, student_head, teacher_head, o: Objective
         student_head, teacher_head: MLM heads: `.transform(h)` (dense → act → LayerNorm) and `.decoder` (a Linear
             over the vocabulary: `.weight` (V, H), `.bias` (V,) or None). The teacher's runs under no_grad.
         o: the weights, temperature and row options.
+        shares: this rank's shares of the global row counts (None: the rows are the whole batch); each term is
+            its mean over these rows × its share, so that the ranks' losses and terms sum to the global ones.
     Returns:
-        (loss () fp32, {"kd", "mlm", "cos": () fp32 unweighted terms, detached}).
+        (loss () fp32, {"kd", "mlm", "cos": () fp32 unweighted terms (× their shares), detached}).
     """
+    shares = shares or RowShares()
+    kd_share = shares.masked if o.kd_masked_only else shares.rows
     zero = s_rows.new_zeros((), dtype=torch.float32)
     terms = {"kd": zero, "mlm": zero, "cos": zero}
     loss = zero
@@ -153,7 +217,8 @@ def triple_loss(s_rows, t_rows, labels, student_head, teacher_head, o: Objective
             if o.fused_head:
                 out = fused_linear_distill_loss(
                     z_s, head.decoder.weight, head.decoder.bias, z_t, t_head.decoder.weight, t_head.decoder.bias,
-                    labels=labels_or_none, temperature=o.temperature, kd_weight=o.kd_weight, ce_weight=o.alpha_mlm,
+                    labels=labels_or_none, temperature=o.temperature, kd_weight=o.kd_weight * kd_share,
+                    ce_weight=o.alpha_mlm * shares.masked,
                 )  # fmt: skip
             else:
                 s_logits = torch.nn.functional.linear(z_s, head.decoder.weight, head.decoder.bias)  # (N, V)
@@ -161,22 +226,22 @@ def triple_loss(s_rows, t_rows, labels, student_head, teacher_head, o: Objective
                     t_logits = torch.nn.functional.linear(z_t, t_head.decoder.weight, t_head.decoder.bias)
                 out = distill_loss(
                     s_logits, t_logits, labels=labels_or_none, temperature=o.temperature,
-                    kd_weight=o.kd_weight, ce_weight=o.alpha_mlm,
+                    kd_weight=o.kd_weight * kd_share, ce_weight=o.alpha_mlm * shares.masked,
                 )  # fmt: skip
             loss = loss + out.loss
-            terms["kd"] = out.kd.detach()
-            terms["mlm"] = out.ce.detach()
+            terms["kd"] = out.kd.detach() * kd_share
+            terms["mlm"] = out.ce.detach() * shares.masked
         else:
             if o.fused_head:
                 ce = fused_linear_cross_entropy(z_s, head.decoder.weight, head.decoder.bias, y)
             else:
                 ce = cross_entropy(torch.nn.functional.linear(z_s, head.decoder.weight, head.decoder.bias), y)
-            loss = loss + o.alpha_mlm * ce
-            terms["mlm"] = ce.detach()
+            loss = loss + o.alpha_mlm * shares.masked * ce
+            terms["mlm"] = ce.detach() * shares.masked
     if o.alpha_cos > 0:
         cos = cosine_loss(s_rows, t_rows.to(s_rows.dtype))
-        loss = loss + o.alpha_cos * cos
-        terms["cos"] = cos.detach()
+        loss = loss + o.alpha_cos * shares.rows * cos
+        terms["cos"] = cos.detach() * shares.rows
     return loss, terms
 
 
@@ -241,7 +306,7 @@ def qa_ce_loss(start_logits, end_logits, start_positions, end_positions, attenti
 
 def check_kd_options(task: str, kd: KDOptions) -> None:
     """Weights and temperature a task's KD loss accepts; a clear error names the flag."""
-    if not kd.temperature > 0:
+    if not (math.isfinite(kd.temperature) and kd.temperature > 0):
         raise ValueError(f"--temperature must be > 0, got {kd.temperature}")
     if task == "classification" and not 0.0 <= kd.alpha <= 1.0:
         raise ValueError(f"--alpha must lie in [0, 1], got {kd.alpha}")
@@ -280,14 +345,18 @@ class TaskLoss:
     Args:
         task: "classification" or "qa".
         student: SequenceClassifier or QuestionAnswerer being trained.
-        teacher: the same head type, frozen in eval mode, or None (plain fine-tuning).
+        teacher: the same head type, frozen in eval mode, or None (plain fine-tuning); or a teacher cache
+            (`engine.teacher_cache.TaskTeacherCache`: CPU batch → the stored targets of its rows, no teacher model).
         kd: the weights and temperature (with a teacher).
         device: where the batch goes.
+        shard: this rank's rows of every (global) batch; None: all of them. Every term is a mean over the batch's
+            examples, so a rank's loss and terms are its local means × (its rows / the batch's rows).
     Call: CPU batch dict → (loss () fp32, {"ce", and "kd" with a teacher: () fp32 detached}).
     """
 
-    def __init__(self, task: str, student, teacher=None, kd: KDOptions | None = None, device=None):
-        self.task, self.student, self.teacher, self.kd = task, student, teacher, kd
+    def __init__(self, task: str, student, teacher=None, kd: KDOptions | None = None, device=None,
+                 shard: Shard | None = None):  # fmt: skip
+        self.task, self.student, self.teacher, self.kd, self.shard = task, student, teacher, kd, shard
         self.device = torch.device("cpu") if device is None else device
         if teacher is not None:
             if kd is None:
@@ -295,6 +364,13 @@ class TaskLoss:
             check_kd_options(task, kd)
 
     def __call__(self, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        share = 1.0
+        if self.shard is not None and self.shard.world > 1:
+            n = len(batch["input_ids"])
+            local, real = self.shard.rows(n)
+            share = (local.stop - local.start) / n if real else 0.0
+            batch = {k: v[local] if isinstance(v, torch.Tensor) and v.dim() and len(v) == n else v
+                     for k, v in batch.items()}  # fmt: skip
         b = to_device(batch, self.device)
         ids, mask, types = b["input_ids"], b["attention_mask"], b.get("token_type_ids")
         s = self.student(ids, mask, types)
@@ -304,4 +380,7 @@ class TaskLoss:
         elif self.teacher is not None:
             with torch.no_grad():
                 t = self.teacher(ids, mask, types)
-        return task_loss(self.task, s, t, b, self.kd)
+        loss, terms = task_loss(self.task, s, t, b, self.kd)
+        if share != 1.0:
+            loss, terms = loss * share, {k: v * share for k, v in terms.items()}
+        return loss, terms

@@ -9,6 +9,8 @@ Commands and their sections (each tuple is a command's whole configuration, in `
     task          TASK_SECTIONS       task, taskdata, kd, optim, run
     init-student  INIT_STUDENT_SECTIONS
     cache-teacher CACHE_TEACHER_SECTIONS  cacheteacher, taskdata, masking, run
+    peek          PEEK_SECTIONS       peek
+    ablate        ABLATE_SECTIONS     ablate, then pretrain's
 
 Names: the pretraining flags keep the names of the original DistilBERT code, which users of the paper know, though
 two of them say "ce" for the *distillation* term: `--alpha-ce` is the weight of the KD term (KL at temperature T)
@@ -22,6 +24,7 @@ This module imports neither torch nor transformers, so `distill --help` answers 
 import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -73,6 +76,7 @@ class DataOptions:
     heldout_fraction: float = opt(0.05, "fraction of sequences held out for evaluation (deterministic)")
     batch_size: int = opt(32, "sequences per micro-batch")
     cache_dir: str = opt("", "tokenization cache folder; default: <out>/cache")
+    tokenize_workers: int = opt(0, "processes that tokenize the corpus into its token store (0: one per CPU core)")
 
 
 @dataclass
@@ -199,6 +203,34 @@ class InitStudentOptions:
     )
 
 
+# ---- the tutorial experiments (distill peek, distill ablate) --------------------------------------------------------
+
+# The DistilBERT paper's ablation (Table 4), by name; `engine.ablate.VARIANTS` says what each changes.
+ABLATION_VARIANTS = ("triple", "no-kd", "no-cos", "no-mlm", "random-init")
+
+
+@dataclass
+class PeekOptions:
+    model: str = opt("", "checkpoint with an MLM head (default: the bundled MiniLM teacher, its head trained once)")
+    text: str = opt("", "text with one [MASK] where the word to predict goes (default: the example named above)")
+    temperatures: list[float] = opt([1.0, 2.0, 5.0], "softmax temperatures T")
+    top_k: int = opt(5, "most probable tokens shown when no --candidates are given")
+    candidates: list[str] = opt(
+        [], "words of one token each, shown renormalized over themselves and as a share of the whole vocabulary"
+    )
+    student: str = opt("", "a second checkpoint (a distilled student) shown beside --model, with their KL at each T")
+    device: str = opt("auto", "auto, cpu, cuda or cuda:N")
+
+
+@dataclass
+class AblateOptions:
+    variants: list[str] = opt(
+        list(ABLATION_VARIANTS),
+        "variants to run, in order (names, or one comma-separated list): triple; no-kd, no-cos, no-mlm (that term's "
+        "alpha set to 0); random-init (the triple loss from a randomly initialized student of the same shape)",
+    )
+
+
 # ---- teacher caches (distill cache-teacher) --------------------------------------------------------------------------
 
 CACHE_TASKS = ("classification", "qa", "mlm")
@@ -224,6 +256,8 @@ FINETUNE_SECTIONS = (FinetuneOptions, TaskDataOptions, OptimOptions, RunOptions)
 TASK_SECTIONS = (TaskOptions, TaskDataOptions, KDOptions, OptimOptions, RunOptions)
 INIT_STUDENT_SECTIONS = (InitStudentOptions,)
 CACHE_TEACHER_SECTIONS = (CacheTeacherOptions, TaskDataOptions, MaskingOptions, RunOptions)
+PEEK_SECTIONS = (PeekOptions,)
+ABLATE_SECTIONS = (AblateOptions, *PRETRAIN_SECTIONS)
 
 
 def _flag_type(tp):
@@ -306,7 +340,9 @@ def build_options(args: argparse.Namespace, *sections: type, profile: dict | Non
     for section in sections:
         values = dict(profile or {})
         values.update({k: v for k, v in file_cfg.items() if not isinstance(v, dict)})
-        values.update(file_cfg.get(section.__name__.removesuffix("Options").lower(), {}))
+        section_values = file_cfg.get(section.__name__.removesuffix("Options").lower())
+        if isinstance(section_values, dict):  # `data` names a section and a field: a list or string is the field
+            values.update(section_values)
         hints = typing.get_type_hints(section)
         kwargs = {}
         for f in dataclasses.fields(section):
@@ -349,6 +385,53 @@ def _checked(name: str, value, tp, choices):
             raise ValueError(f"config: {name} ({flag}) must be a list, got {value!r}")
         return [one(v) for v in value]
     return one(value)
+
+
+# Ranges of the numeric options that a wrong sign or size turns into silent nonsense (a negative alpha switches a term
+# off, a zero temperature divides by zero); checked before a run touches its folder. Field name → (test, wording).
+_RANGES = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "eps": (lambda v: v > 0, "> 0"),
+    "weight_decay": (lambda v: v >= 0, "≥ 0"),
+    "warmup": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "clip": (lambda v: v >= 0, "≥ 0"),
+    "grad_accum": (lambda v: v >= 1, "≥ 1"),
+    "steps": (lambda v: v >= 1, "≥ 1"),
+    "batch_size": (lambda v: v >= 1, "≥ 1"),
+    "temperature": (lambda v: v > 0, "> 0"),
+    "alpha_ce": (lambda v: v >= 0, "≥ 0"),
+    "alpha_mlm": (lambda v: v >= 0, "≥ 0"),
+    "alpha_cos": (lambda v: v >= 0, "≥ 0"),
+    "alpha_qa": (lambda v: v >= 0, "≥ 0"),
+    "alpha": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "mlm_probability": (lambda v: 0 < v <= 1, "in (0, 1]"),
+    "mask_replace": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "random_replace": (lambda v: 0 <= v <= 1, "in [0, 1]"),
+    "mlm_smoothing": (lambda v: v >= 0, "≥ 0"),
+    "heldout_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "validation_fraction": (lambda v: 0 < v < 1, "in (0, 1)"),
+    "epochs": (lambda v: v >= 0, "≥ 0"),
+    "log_every": (lambda v: v >= 1, "≥ 1"),
+    "eval_every": (lambda v: v >= 0, "≥ 0"),
+    "save_every": (lambda v: v >= 0, "≥ 0"),
+    "eval_batches": (lambda v: v >= 0, "≥ 0"),
+    "latency_iters": (lambda v: v >= 0, "≥ 0"),
+    "top_k": (lambda v: v >= 1, "≥ 1"),
+    "mask_copies": (lambda v: v >= 1, "≥ 1"),
+    "shard_size": (lambda v: v >= 1, "≥ 1"),
+}
+
+
+def check_ranges(*options) -> None:
+    """Refuse a numeric option outside its range (or not finite), naming the flag; see `_RANGES`."""
+    for o in options:
+        for f in dataclasses.fields(o):
+            value = getattr(o, f.name)
+            if f.name not in _RANGES or not isinstance(value, int | float) or isinstance(value, bool):
+                continue
+            test, wording = _RANGES[f.name]
+            if not (math.isfinite(value) and test(value)):
+                raise ValueError(f"--{f.name.replace('_', '-')} must be {wording}, got {value}")
 
 
 def to_dict(*options) -> dict:

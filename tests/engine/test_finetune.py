@@ -341,6 +341,11 @@ def test_task_interrupted_then_resumed_finishes_both_runs(cls_teacher, cls_train
     assert steps == [3, 5, 8]  # the interrupted run's last line, then the resumed run's lines
     distill_steps = [json.loads(x)["step"] for x in (out / "distill" / "metrics.jsonl").read_text().splitlines()]
     assert distill_steps == [5, 8]  # the finished run is not repeated
+    # One more --resume finds both phases and the report finished: it says so, evaluates and rewrites nothing.
+    before = (out / "report.json").read_bytes()
+    monkeypatch.setattr(ft, "evaluate_model", lambda *a, **k: pytest.fail("a finished run was evaluated again"))
+    again = ft.distill_task(opts, _data([cls_train]), op.KDOptions(), _optim(8), _run(out, resume=True))
+    assert again == json.loads(before) and (out / "report.json").read_bytes() == before
 
 
 # ---- bad input -------------------------------------------------------------------------------------------------------
@@ -352,6 +357,21 @@ def test_rows_without_a_label_are_refused(base, tmp_path):
     with pytest.raises(ValueError, match=r"no value in label column 'label'.*rows \[1\]"):
         ft.finetune(op.FinetuneOptions(model=str(base)), _data([csv]), _optim(2), _run(tmp_path / "out"))
     assert not (tmp_path / "out").exists()  # refused before any output
+
+
+def test_overwrite_with_bad_input_keeps_the_earlier_run(cls_teacher, base, tmp_path):
+    out = tmp_path / "run"
+    shutil.copytree(cls_teacher[0], out)
+    before = {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()}
+    csv = tmp_path / "train.csv"
+    csv.write_text("text,label\nshares rise,business\ngoal scored,\nnew phone,tech\n")
+    with pytest.raises(ValueError, match="no value in label column"):
+        ft.finetune(op.FinetuneOptions(model=str(base)), _data([csv]), _optim(2), _run(out, overwrite=True))
+    with pytest.raises(ValueError, match="--alpha must be in"):
+        ft.distill_task(op.TaskOptions(teacher=str(cls_teacher[0] / "model")), _data([csv]), op.KDOptions(alpha=2.0),
+                        _optim(2), _run(out, overwrite=True))  # fmt: skip
+    assert {p: p.read_bytes() for p in sorted(out.rglob("*")) if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run", "train.csv"]  # nothing moved aside is left
 
 
 def test_unknown_label_names_at_evaluation_are_refused(cls_teacher, cls_train, tmp_path):

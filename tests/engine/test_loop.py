@@ -333,6 +333,32 @@ def test_resume_after_a_crash_reproduces_the_uninterrupted_run(tmp_path, referen
     _assert_matches_reference(fresh, tmp_path, reference)
 
 
+def test_resume_cuts_metric_lines_past_the_checkpoint(tmp_path, reference):
+    """A crash in step 6, after step 5's metrics line but before its checkpoint (the last was at step 4), and a kill
+    in the middle of a line: the resumed run logs steps 5-8 once each, as the uninterrupted run does."""
+    torch.manual_seed(2024)
+    job = Job(seed=3)
+
+    def crash(call):
+        if call == 11:  # step 6's first micro-batch: lines 1-5 are written, the checkpoint is step 4's
+            raise RuntimeError("injected crash")
+
+    job.on_call = crash
+    with pytest.raises(RuntimeError, match="injected crash"):
+        _train(job, tmp_path, save_every=4)
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 6, "lr": 0.0')
+    assert loop.truncate_metrics(tmp_path / "metrics.jsonl", 5) == 1  # only the broken line is past step 5
+
+    torch.manual_seed(777)
+    fresh = Job(seed=99)
+    _train(fresh, tmp_path, save_every=4, resume=True)
+    assert [x["step"] for x in _lines(tmp_path)] == list(range(1, 9))
+    assert _untimed(_lines(tmp_path)) == _untimed(reference["lines"])
+    with pytest.raises(ValueError, match="--steps 6: the checkpoint .* is at step 8 already; give --steps 8 or more"):
+        _train(Job(seed=3), tmp_path, steps=6, resume=True)
+
+
 # ---- signals -------------------------------------------------------------------------------------------------------
 
 
@@ -390,19 +416,19 @@ def test_a_failed_save_leaves_the_previous_checkpoint_whole(tmp_path, reference,
     real_save = torch.save
     saves = []
 
-    def half_save(obj, f, *args, **kwargs):
-        saves.append(Path(f).name)
+    def half_save(obj, f, *args, **kwargs):  # f: the open trainer_state.pt
+        saves.append(Path(f.name).name)
         if len(saves) == 2:
             buffer = io.BytesIO()
             real_save(obj, buffer, *args, **kwargs)
-            Path(f).write_bytes(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+            f.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
             raise OSError(errno.ENOSPC, "No space left on device")
         return real_save(obj, f, *args, **kwargs)
 
     torch.manual_seed(2024)
     job = Job(seed=3)
     monkeypatch.setattr(torch, "save", half_save)
-    with pytest.raises(OSError, match="No space"):
+    with pytest.raises(OSError, match="disk full while writing the checkpoint"):
         _train(job, tmp_path, save_every=2)
     monkeypatch.undo()
     assert saves == ["trainer_state.pt"] * 2
