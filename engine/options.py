@@ -74,7 +74,7 @@ class DataOptions:
     max_seq_len: int = opt(128, "longest sequence in tokens, [CLS] and [SEP] included; longer documents are split")
     min_seq_len: int = opt(12, "shorter sequences are dropped (the original drops <= 11 tokens)")
     heldout_fraction: float = opt(0.05, "fraction of sequences held out for evaluation (deterministic)")
-    batch_size: int = opt(32, "sequences per micro-batch")
+    batch_size: int = opt(32, "sequences per micro-batch, all processes together (torchrun: each takes 1/N of it)")
     cache_dir: str = opt("", "tokenization cache folder; default: <out>/cache")
     tokenize_workers: int = opt(0, "processes that tokenize the corpus into its token store (0: one per CPU core)")
 
@@ -170,7 +170,11 @@ class TaskDataOptions:
     text_column: str = opt("text", "column holding the text (csv/json/datasets)")
     label_column: str = opt("label", "column holding the label name (csv/json/datasets)")
     max_seq_len: int = opt(0, "tokens per sequence or QA window, special tokens included (0: 128, qa 384)")
-    batch_size: int = opt(32, "sequences (QA: windows) per micro-batch, in training and evaluation")
+    batch_size: int = opt(
+        32,
+        "sequences (QA: windows) per micro-batch, in training and evaluation; all processes together (torchrun: "
+        "each trains on 1/N of it)",
+    )
     epochs: float = opt(0.0, "passes over the training data; > 0 sets --steps from it")
     doc_stride: int = opt(128, "qa: context tokens shared by consecutive windows (0: one window, long contexts fail)")
     max_query_len: int = opt(64, "qa: questions are cut to this many tokens")
