@@ -29,6 +29,7 @@ import contextlib
 import hashlib
 import inspect
 import os
+import pickle
 import sys
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -191,19 +192,26 @@ def broadcast_object(obj, src: int = 0):
 
 
 def _raise_on_all(error: BaseException | None) -> None:
-    """Share rank 0's outcome: when it failed, every rank raises the same error type and message (a clear message on
-    rank 0 and no rank left waiting in a collective)."""
-    shared = broadcast_object(None if error is None else (type(error), str(error)))
+    """Share rank 0's outcome: when it failed, every rank raises the same error (a clear message on rank 0 and no
+    rank left waiting in a collective). The exception itself travels when it pickles; else its type and message."""
+    shared = None
+    if error is not None:
+        try:
+            shared = ("error", pickle.loads(pickle.dumps(error)))
+        except Exception:  # an exception that does not survive pickling: its type and message
+            shared = ("text", type(error), str(error))
+    shared = broadcast_object(shared)
     if error is not None:
         raise error
-    if shared is not None:
-        kind, message = shared
-        if not (isinstance(kind, type) and issubclass(kind, Exception)):
-            kind = RuntimeError
-        try:
-            raise kind(message)
-        except TypeError:  # an exception type whose constructor wants more than a message
-            raise RuntimeError(message) from None
+    if shared is None:
+        return
+    if shared[0] == "error":
+        raise shared[1]
+    _, kind, message = shared
+    try:
+        raise kind(message)
+    except TypeError:  # a constructor that wants more than a message
+        raise RuntimeError(message) from None
 
 
 def run_on_main(fn: Callable[[], T], share_result: bool = True) -> T | None:

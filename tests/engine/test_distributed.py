@@ -181,6 +181,50 @@ def test_task_shares_sum_to_the_one_process_loss_and_gradient(task, with_teacher
         torch.testing.assert_close(grads[k], reference[k], rtol=1e-5, atol=1e-6)
 
 
+_COLLECTIVES = r"""
+import json, sys, torch
+from engine import distributed
+from engine.runs import RunFinished
+device = distributed.init(torch.device("cpu"))
+r, out = distributed.rank(), {}
+out["world"], out["shard"] = distributed.world_size(), list(distributed.Shard(r, 2).rows(8)[0].indices(8))
+out["sum"] = distributed.all_reduce_sum(torch.tensor([float(r + 1)])).item()
+out["stop"] = [distributed.agree_to_stop(r == 1 and i == 2) for i in range(4)]  # rank 1 alone asks, at step 2
+out["gathered"] = distributed.gather_objects({"rank": r})
+order = []
+out["first"] = distributed.main_first(lambda: order.append(r) or r)
+out["shared"] = distributed.run_on_main(lambda: {"from": distributed.rank()})
+for error in (FileExistsError("held by another run"), RunFinished("finished", {"steps": 3})):
+    def fail(error=error):
+        raise error
+    try:
+        distributed.run_on_main(fail)
+    except Exception as e:
+        out.setdefault("errors", []).append([type(e).__name__, str(e), getattr(e, "report", None)])
+sys.stderr.write("RESULT " + json.dumps(out) + "\n")
+"""
+
+
+def test_collectives_under_torchrun(tmp_path):
+    script = tmp_path / "collectives.py"
+    script.write_text(_COLLECTIVES)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script)]
+    run = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert run.returncode == 0, run.stderr[-3000:]
+    results = [json.loads(line.split("RESULT ", 1)[1]) for line in run.stderr.splitlines() if "RESULT " in line]
+    assert len(results) == 2
+    for r, out in enumerate(sorted(results, key=lambda o: o["shard"])):
+        assert out["world"] == 2 and out["shard"] == [4 * r, 4 * r + 4, 1]
+        assert out["sum"] == 3.0 and out["stop"] == [False, False, True, False]
+        assert out["gathered"] == [{"rank": 0}, {"rank": 1}]
+        assert out["first"] == r and out["shared"] == {"from": 0}
+        assert out["errors"] == [
+            ["FileExistsError", "held by another run", None],
+            ["RunFinished", "finished", {"steps": 3}],
+        ]
+
+
 # ---- 2 processes under torchrun (gloo) against 1 process ------------------------------------------------------------
 
 TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -251,7 +295,7 @@ def _assert_same_run(a: Path, b: Path, model_a: Path, model_b: Path, keys):
         # query alike, and softmax ignores that), so they move by rounding noise alone, which Adam normalizes into
         # steps of up to lr; they have no effect on any output.
         if not k.endswith(("k_lin.bias", "key.bias")):
-            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=lambda m: f"{k}: {m}")
+            torch.testing.assert_close(wb[k], wa[k], rtol=0, atol=1e-5, msg=lambda m, k=k: f"{k}: {m}")
 
 
 @pytest.fixture(scope="module")
