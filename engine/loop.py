@@ -98,10 +98,16 @@ class GeneratorState:
 
 class StopRequest:
     """Turns SIGINT/SIGTERM into a flag the loop checks after each step (a second signal is not
-    swallowed: the default handler comes back after the first)."""
+    swallowed: the default handler comes back after the first).
 
-    def __init__(self):
+    Under torchrun (`keep=True`) every signal is swallowed: a scheduler's SIGTERM reaches a worker twice, once from
+    the scheduler and once forwarded by torchrun, and the second must not kill it mid-save. torchrun's own
+    `--shutdown-timeout` (30 s by default, then SIGKILL) is the way out of a worker that does not stop.
+    """
+
+    def __init__(self, keep: bool = False):
         self.signal: int | None = None
+        self.keep = keep
         self._old: dict = {}
 
     def __enter__(self):
@@ -114,7 +120,8 @@ class StopRequest:
 
     def _handle(self, signum, frame):
         self.signal = signum
-        signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
+        if not self.keep:
+            signal.signal(signum, self._old.get(signum, signal.SIG_DFL))
 
     def __exit__(self, *exc):
         for sig, old in self._old.items():
@@ -305,7 +312,7 @@ def train(
     interrupted = False
     model.train()
     try:
-        with StopRequest() as stop:
+        with StopRequest(keep=distributed.launched()) as stop:
             while step < optim.steps:
                 lr = lr_at(step, optim.steps, warmup, optim.lr)
                 for group in optimizer.param_groups:

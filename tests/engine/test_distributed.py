@@ -330,7 +330,7 @@ def test_two_ranks_pretrain_like_one_rank(pretrain_inputs, pretrain_two_ranks):
 
 
 @pytest.mark.slow
-def test_sigint_to_torchrun_then_resume_equals_the_uninterrupted_run(pretrain_inputs, pretrain_two_ranks):
+def test_signals_to_torchrun_and_workers_then_resume_equal_the_uninterrupted_run(pretrain_inputs, pretrain_two_ranks):
     args, root = pretrain_inputs
     out = root / "interrupted"
     run = [*args, "--steps", str(STEPS), "--out", str(out)]
@@ -339,7 +339,14 @@ def test_sigint_to_torchrun_then_resume_equals_the_uninterrupted_run(pretrain_in
     while not ((out / "metrics.jsonl").is_file() and _lines(out / "metrics.jsonl")):  # the first step is done
         assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()[0][-3000:]
         time.sleep(0.02)
-    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C at the terminal: torchrun's group; torchrun passes it to the workers
+    # A scheduler's stop (scancel) signals every process: each worker gets SIGTERM, then torchrun passes on its own
+    # SIGINT (Ctrl-C at the terminal reaches torchrun's group only; the workers run in sessions of their own). The
+    # second signal must not kill a worker in the middle of its save.
+    workers = [int(p) for p in Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()]
+    assert len(workers) == 2
+    for pid in workers:
+        os.kill(pid, signal.SIGTERM)
+    os.killpg(proc.pid, signal.SIGINT)
     log, _ = proc.communicate(timeout=300)
     assert "interrupted at step" in log, log[-3000:]
     state = torch.load(out / "checkpoint" / "trainer_state.pt", weights_only=False)
