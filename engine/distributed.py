@@ -5,7 +5,8 @@ same code on every rank; launched without it, the same code runs with world size
 Everything a command needs from `torch.distributed` goes through here (torchtitan's `dist_utils` idea):
 
     init(device)            the process group from torchrun's environment (RANK, WORLD_SIZE, LOCAL_RANK);
-                            gloo on CPU, NCCL for CUDA tensors (with gloo beside it for CPU tensors);
+                            gloo on CPU, NCCL for CUDA tensors (with gloo beside it for CPU tensors), and a gloo
+                            group with an hours-long timeout for objects and for waiting on rank 0;
                             the rank's device (cuda:LOCAL_RANK)
     world_size, rank, is_main, shard       who am I
     barrier, all_reduce_sum, agree_to_stop, gather_objects   the collectives the engine uses
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import atexit
 import contextlib
+import datetime
 import hashlib
 import inspect
 import os
@@ -41,6 +43,8 @@ import torch.distributed as dist
 T = TypeVar("T")
 
 _device: torch.device | None = None  # the rank's device once `init` ran
+_cpu_group = None  # gloo, with a long timeout: small objects, and the waits for rank 0's file work
+WAIT_TIMEOUT = datetime.timedelta(hours=6)  # how long the other ranks wait for rank 0 (e.g. tokenizing a corpus)
 
 
 def launched() -> bool:
@@ -134,6 +138,10 @@ def init(device: torch.device) -> torch.device:
     kwargs = {"device_id": device} if device.type == "cuda" else {}
     dist.init_process_group(backend=backend, **kwargs)
     atexit.register(shutdown)
+    global _cpu_group
+    # Rank 0 alone tokenizes a corpus or writes a checkpoint while the others wait in a broadcast: on a group of
+    # their own, whose timeout is hours, not NCCL's minutes (the default group's watchdog stays as it is).
+    _cpu_group = dist.new_group(backend="gloo", timeout=WAIT_TIMEOUT)
     _device = device
     if not is_main():
         # One voice: rank 0 prints progress and results; errors (stderr) still come from every rank.
@@ -152,7 +160,7 @@ def shutdown() -> None:
 
 def barrier() -> None:
     if world_size() > 1:
-        dist.barrier()
+        dist.barrier(group=_cpu_group)
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -169,7 +177,7 @@ def agree_to_stop(flag: bool) -> bool:
     if world_size() == 1:
         return flag
     t = torch.tensor([int(flag)], dtype=torch.int32)
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX, group=_cpu_group)
     return bool(t.item())
 
 
@@ -178,7 +186,7 @@ def gather_objects(obj) -> list:
     if world_size() == 1:
         return [obj]
     out = [None] * world_size()
-    dist.all_gather_object(out, obj)
+    dist.all_gather_object(out, obj, group=_cpu_group)
     return out
 
 
@@ -187,7 +195,7 @@ def broadcast_object(obj, src: int = 0):
     if world_size() == 1:
         return obj
     box = [obj]
-    dist.broadcast_object_list(box, src=src)
+    dist.broadcast_object_list(box, src=src, group=_cpu_group)
     return box[0]
 
 
