@@ -360,6 +360,12 @@ def write_task_cache(cache: Path, task: str, td, teacher, teacher_dir: Path, k: 
         }
         if td.label2id is not None:
             m["labels"] = sorted(td.label2id, key=td.label2id.get)
+        if not m["dense"]:  # the teacher's mean mass outside its top K (small arrays: read back whole)
+            shards = _open_shards(cache, n_shards)
+            values = torch.from_numpy(np.concatenate([a["values"] for a in shards]))
+            lse = torch.from_numpy(np.concatenate([a["lse"] for a in shards]))
+            tail = (1 - torch.exp(values / temperature - lse[:, None]).sum(1)).clamp_min(0)
+            m["tail_mass_mean"] = round(tail.mean().item(), 5)
         m["bytes_per_token"] = round(m["bytes"] / max(tokens, 1), 2)
         write_json(cache / MANIFEST, m)
         return m
@@ -484,6 +490,7 @@ def _mlm_shard(teacher, seqs, first: int, last: int, corpus, masking, k: int, te
 
     keys = ("masked_ids", "chosen", "values", "indices", "lse", "hidden", "n_tokens", "n_rows")
     parts = {key: [] for key in keys}
+    tail = 0.0  # Σ over rows of the teacher's mass outside its top K (what the KD term sees only as one bucket)
     vocab = teacher.config.vocab_size
     for b0 in range(first, last, batch_size):
         idx = range(b0, min(b0 + batch_size, last))
@@ -503,6 +510,8 @@ def _mlm_shard(teacher, seqs, first: int, last: int, corpus, masking, k: int, te
             with autocast(device, precision):
                 logits = teacher.lm_head(h.index_select(0, kd[c0 : c0 + row_chunk]))  # (R, V)
             t = sparse_targets(logits.float(), k, temperature)
+            if k < vocab:
+                tail += float((1 - torch.exp(t.values / temperature - t.lse[:, None]).sum(1)).clamp_min(0).sum())
             parts["values"].append(t.values.cpu())
             parts["lse"].append(t.lse.cpu())
             if k < vocab:
@@ -522,7 +531,7 @@ def _mlm_shard(teacher, seqs, first: int, last: int, corpus, masking, k: int, te
     for key, name in (("n_tokens", "token_offsets"), ("n_rows", "row_offsets")):
         counts = torch.cat(parts[key]).to(torch.int64)
         arrays[name] = torch.cat([torch.zeros(1, dtype=torch.int64), counts.cumsum(0)]).numpy()
-    return arrays
+    return arrays, tail
 
 
 def write_mlm_cache(cache: Path, teacher, teacher_dir: Path, corpus, masking, k: int, temperature: float, copies: int,
@@ -546,9 +555,10 @@ def write_mlm_cache(cache: Path, teacher, teacher_dir: Path, corpus, masking, k:
         c, part = divmod(j, per_copy)
         first, last = part * shard_units, min(n, (part + 1) * shard_units)
         gen = _mlm_generator(seed, c, part, device)
-        arrays = _mlm_shard(teacher, seqs, first, last, corpus, masking, k, temperature, kd_masked, hidden,
-                            batch_size, gen, device, precision)  # fmt: skip
-        write_shard(cache, j, arrays, {"units": last - first, "rows": int(arrays["row_offsets"][-1])})
+        arrays, tail = _mlm_shard(teacher, seqs, first, last, corpus, masking, k, temperature, kd_masked, hidden,
+                                  batch_size, gen, device, precision)  # fmt: skip
+        summary = {"units": last - first, "rows": int(arrays["row_offsets"][-1]), "tail_mass_sum": tail}
+        write_shard(cache, j, arrays, summary)
         if bar is not None:
             bar.update(1)
     if bar is not None:
@@ -558,7 +568,8 @@ def write_mlm_cache(cache: Path, teacher, teacher_dir: Path, corpus, masking, k:
 
     def manifest() -> dict:
         vocab = teacher.config.vocab_size
-        rows = sum(json.loads(_summary_path(cache, j).read_text())["rows"] for j in range(n_shards))
+        summaries = [json.loads(_summary_path(cache, j).read_text()) for j in range(n_shards)]
+        rows = sum(x["rows"] for x in summaries)
         tokens = copies * int(seqs.lengths.sum())
         m = {
             "format": FORMAT,
@@ -582,6 +593,7 @@ def write_mlm_cache(cache: Path, teacher, teacher_dir: Path, corpus, masking, k:
             "shards": n_shards,
             "shard_units": shard_units,
             "rows": rows,
+            "tail_mass_mean": round(sum(x["tail_mass_sum"] for x in summaries) / max(rows, 1), 5),
             "tokens": tokens,
             "bytes": cache_bytes(cache),
             "seconds": round(seconds, 2),
@@ -830,6 +842,12 @@ def cache_teacher(opts, data, masking, run) -> dict:
         f"{m['temperature']:g}; {m['bytes'] / 2**20:.1f} MiB, {m['bytes_per_token']:.1f} bytes per token; "
         f"{time.perf_counter() - t0:.1f} s"
     )
+    if m.get("tail_mass_mean", 0) > 0.1:  # the KD term sees that much of the teacher only as one bucket
+        print(
+            f"note: the teacher's top {m['top_k']} hold {100 * (1 - m['tail_mass_mean']):.1f}% of its probability "
+            f"at T = {m['temperature']:g} on average; the rest is one bucket, so the KD term is a loose lower bound "
+            "of the exact one (a larger --top-k, a lower --temperature, or the live teacher keeps more)"
+        )
     return m
 
 
@@ -921,8 +939,9 @@ def pretrain_from_cache(model_opts, data, masking, objective, optim, run) -> dic
     report = {
         "teacher": {"path": m["teacher"]["path"], "parameters": m["teacher"]["parameters"], "from_cache": True},
         "student": {"path": str(out / "student"), "parameters": count_parameters(student), **final["student"]},
-        "teacher_cache": {"path": str(cache.path), "masking": static, **{k: m[k] for k in (
-            "top_k", "dense", "temperature", "mask_copies", "kd_rows", "hidden", "bytes", "bytes_per_token")}},
+        "teacher_cache": {"path": str(cache.path), "masking": static, "tail_mass_mean": m.get("tail_mass_mean"),
+                          **{k: m[k] for k in ("top_k", "dense", "temperature", "mask_copies", "kd_rows", "hidden",
+                                               "bytes", "bytes_per_token")}},
         "heldout_masked_tokens": final["masked_tokens"],
         "steps": result.step,
         "train_seconds": round(time.perf_counter() - t0, 1),

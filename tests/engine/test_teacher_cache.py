@@ -139,7 +139,7 @@ def test_classification_top_k_below_classes_uses_the_tail(cls_teacher, cls_train
 
     data = _data([cls_train])
     m = _cache(cls_teacher, data, tmp_path / "cache", top_k=2)
-    assert not m["dense"] and m["top_k"] == 2
+    assert not m["dense"] and m["top_k"] == 2 and 0 < m["tail_mass_mean"] < 1
     cache = tc.TaskTeacherCache(tmp_path / "cache", "classification")
     from engine.taskdata import prepare_task_data, teacher_label_map
 
@@ -351,6 +351,7 @@ def test_cli_pretrain_from_a_cache_with_static_masking(tmp_path, minilm_dir, cap
     assert rc == 0, capsys.readouterr().err
     m = tc.read_manifest(tmp_path / "cache")
     assert m["top_k"] == 64 and not m["dense"] and m["mask_copies"] == 2 and m["kd_rows"] == "all" and m["hidden"]
+    assert 0 < m["tail_mass_mean"] < 1  # a random tiny teacher is near uniform: most of its mass is in the tail
     run = ["pretrain", "--teacher-cache", str(tmp_path / "cache"), "--teacher", str(teacher), "--student-num-layers",
            "1", "--steps", "4",
            "--log-every", "1", "--heldout-fraction", "0.1", *common]  # fmt: skip
