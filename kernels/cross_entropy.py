@@ -60,7 +60,12 @@ def cross_entropy(
     reduction = check.choice("reduction", reduction, ("mean", "sum", "none"))
     label_smoothing = check.real("label_smoothing", label_smoothing, 0.0, 1.0)
     s, flat_labels = flat_rows(logits, labels)
-    out = CrossEntropyLossFunction.apply(s, flat_labels, ignore_index, label_smoothing, reduction)
+    if torch.compiler.is_compiling():  # one registered op for torch.compile (kernels._library); eager never comes here
+        from kernels import _library
+
+        out = _library.cross_entropy(s, flat_labels, ignore_index, label_smoothing, reduction)
+    else:
+        out = CrossEntropyLossFunction.apply(s, flat_labels, ignore_index, label_smoothing, reduction)
     return out.reshape(labels.shape) if reduction == "none" else out
 
 

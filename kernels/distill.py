@@ -465,6 +465,11 @@ def distill_loss(
     kd_weight, ce_weight = check.weight("kd_weight", kd_weight), check.weight("ce_weight", ce_weight)
     s, labels = flat_rows(student_logits, labels)
     t, kd_mask = flat_rows(teacher_logits, kd_mask)
+    if torch.compiler.is_compiling():  # one registered op for torch.compile (kernels._library); eager never comes here
+        from kernels import _library
+
+        return DistillLossOutput(*_library.distill_loss(s, t, labels, kd_mask, temperature, kd_weight, ce_weight,
+                                                        ignore_index))  # fmt: skip
     out = KDCELossFunction.apply(s, t, labels, kd_mask, temperature, kd_weight, ce_weight, ignore_index)
     return DistillLossOutput(*out)
 

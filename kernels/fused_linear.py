@@ -296,6 +296,13 @@ def fused_linear_distill_loss(
         bytes_per_logit = dtype_s.itemsize + (0 if teacher_hidden is None else dtype_t.itemsize)
         budget = DEFAULT_MEMORY_BUDGET_BYTES if memory_budget_bytes is None else memory_budget_bytes
         chunk_size = chunk_rows(n, v, bytes_per_logit, budget)
+    if torch.compiler.is_compiling():  # one registered op for torch.compile (kernels._library); eager never comes here
+        from kernels import _library
+
+        return DistillLossOutput(*_library.fused_linear_distill_loss(
+            student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
+            kd_mask, temperature, kd_weight, ce_weight, label_smoothing, ignore_index, chunk_size, dtype_s, dtype_t,
+        ))  # fmt: skip
     loss, kd, ce = FusedLinearDistillLossFunction.apply(
         student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias, labels,
         kd_mask, temperature, kd_weight, ce_weight, label_smoothing, ignore_index, chunk_size, dtype_s, dtype_t,

@@ -236,12 +236,22 @@ def softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     Raises:
         ValueError naming the argument (an integer x, say), checked on the host.
     """
-    return SoftmaxFunction.apply(_checked(x), check.temperature(temperature), False)
+    x, temperature = _checked(x), check.temperature(temperature)
+    if torch.compiler.is_compiling():  # one registered op for torch.compile (kernels._library); eager never comes here
+        from kernels import _library
+
+        return _library.softmax(x, temperature, False)
+    return SoftmaxFunction.apply(x, temperature, False)
 
 
 def log_softmax(x: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """log_softmax(x / T) over the last dim; shapes, dtypes and errors as `softmax`."""
-    return SoftmaxFunction.apply(_checked(x), check.temperature(temperature), True)
+    x, temperature = _checked(x), check.temperature(temperature)
+    if torch.compiler.is_compiling():  # as in `softmax`
+        from kernels import _library
+
+        return _library.softmax(x, temperature, True)
+    return SoftmaxFunction.apply(x, temperature, True)
 
 
 def _checked(x: torch.Tensor) -> torch.Tensor:

@@ -489,6 +489,12 @@ def sparse_distill_loss(
     s, labels = flat_rows(student_logits, labels)
     tv, kd_mask = flat_rows(topk_logits, kd_mask)
     ti = topk_indices.reshape(-1, topk_indices.shape[-1])
+    if torch.compiler.is_compiling():  # one registered op for torch.compile (kernels._library); eager never comes here
+        from kernels import _library
+
+        out = _library.sparse_distill_loss(s, tv, ti, teacher_lse.reshape(-1), labels, kd_mask, temperature, kd_weight,
+                                           ce_weight, ignore_index)  # fmt: skip
+        return DistillLossOutput(*out)
     out = SparseKDCELossFunction.apply(s, tv, ti, teacher_lse.reshape(-1), labels, kd_mask, temperature, kd_weight,
                                        ce_weight, ignore_index)  # fmt: skip
     return DistillLossOutput(*out)
