@@ -1,7 +1,8 @@
 """`distill`: the command line. Every command is registered the same way, from its option dataclasses
 (`engine.options`), and runs the same way: options built (defaults ← profile ← --config file ← flags), the
-command's function called, its report's `interrupted` turned into exit code 130. Bad input ends in one line,
-`distill COMMAND: error: …`, and exit code 2.
+command's function called, its report's `interrupted` turned into exit code 130. Every error ends in one line,
+`distill COMMAND: error: …`: bad input (and a full disk) with exit code 2, anything else with 1; `distill --debug
+COMMAND` shows the traceback instead.
 
 Nothing here imports torch: `distill --help` answers at once; a command imports its module when it runs.
 """
@@ -13,10 +14,12 @@ from dataclasses import dataclass
 
 from engine import defaults
 from engine.options import (
+    ABLATE_SECTIONS,
     ADAPT_SECTIONS,
     CACHE_TEACHER_SECTIONS,
     FINETUNE_SECTIONS,
     INIT_STUDENT_SECTIONS,
+    PEEK_SECTIONS,
     PRETRAIN_SECTIONS,
     TASK_SECTIONS,
     add_options,
@@ -118,6 +121,40 @@ def _init_student(args: argparse.Namespace) -> dict:
     return {"student": str(path)}
 
 
+# The dark-knowledge example of distillation tutorials: `distill peek` with no --text.
+_PEEK_EXAMPLE = {
+    "text": "i completed writing my [MASK]",
+    "candidates": ["homework", "cake", "assignment", "car", "book"],
+}
+
+
+def _peek(args: argparse.Namespace) -> dict:
+    from engine.options import RunOptions
+    from engine.peek import peek
+    from engine.pretrain import bundled_teacher
+
+    (o,) = build_options(args, *PEEK_SECTIONS)
+    if not o.text:
+        (o,) = build_options(args, *PEEK_SECTIONS, profile=_PEEK_EXAMPLE)
+    if not o.model:
+        o.model = str(bundled_teacher(RunOptions(device=o.device)))
+    return peek(o)
+
+
+def _ablate(args: argparse.Namespace) -> dict:
+    from engine.ablate import ablate
+    from engine.pretrain import bundled_teacher
+
+    profile = {"out": "runs/ablate"}
+    if args.data is None:
+        profile["data"] = [str(defaults.bbc_news_dir())]
+    options = build_options(args, *ABLATE_SECTIONS, profile=profile)
+    if not options[1].teacher:  # the bundled demo, with the profile `distill pretrain` uses for it
+        options = build_options(args, *ABLATE_SECTIONS, profile={**defaults.DEMO_PRETRAIN, **profile})
+        options[1].teacher = str(bundled_teacher(options[-1]))
+    return ablate(*options)
+
+
 @dataclass
 class Command:
     name: str
@@ -155,6 +192,17 @@ COMMANDS = [
             "With no --teacher/--student/--data: the bundled story (MiniLM teacher fine-tuned once on BBC News, "
             "a 3-layer student, a baseline without a teacher) with " + ", ".join(
                 f"{k} {v}" for k, v in defaults.DEMO_TASK.items() if k != "out") + "."),
+    Command("peek", "a masked word's distribution at several temperatures (dark knowledge; no arguments: the example)",
+            PEEK_SECTIONS, _peek,
+            note=f"With no --text: {_PEEK_EXAMPLE['text']!r} with the candidates "
+                 f"{' '.join(_PEEK_EXAMPLE['candidates'])}. With no --model: the bundled teacher (MiniLM with its MLM "
+                 "head, trained once and cached)."),
+    Command("ablate", "the DistilBERT loss ablation: each term removed, random init (no arguments: the bundled demo)",
+            ABLATE_SECTIONS, _ablate, {"out": "runs/ablate"},
+            "Each variant is a `distill pretrain` run in <out>/<variant>, all with the same data, seed and budget; "
+            "--resume continues an interrupted ablation without rerunning finished variants. With no --teacher: the "
+            "bundled demo with the CPU profile of `distill pretrain`: " + ", ".join(
+                f"{k} {v}" for k, v in defaults.DEMO_PRETRAIN.items() if k != "out") + " (per variant)."),
 ]  # fmt: skip
 
 
@@ -189,15 +237,25 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         report = args.command_spec.run(args)
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # Ctrl-C before training began (a guarded command leaves nothing behind)
         print("interrupted", file=sys.stderr)
         return 130
-    except (ValueError, OSError, ImportError) as e:  # our input errors; anything else keeps its traceback
+    except (ValueError, OSError, ImportError) as e:  # bad input, a missing file, a full disk
         if args.debug:
             raise
-        print(f"distill {args.command}: error: {e}", file=sys.stderr)
+        print(f"distill {args.command}: error: {_one_line(e)}", file=sys.stderr)
         return 2
+    except Exception as e:  # a bug, or the machine's (out of memory): one line too, and how to see more
+        if args.debug:
+            raise
+        print(f"distill {args.command}: error: {type(e).__name__}: {_one_line(e)} (--debug shows the traceback)",
+              file=sys.stderr)  # fmt: skip
+        return 1
     return 130 if report.get("interrupted") else 0
+
+
+def _one_line(e: BaseException) -> str:
+    return " ".join(str(e).split()) or type(e).__name__
 
 
 if __name__ == "__main__":
