@@ -63,11 +63,12 @@ ROOT = Path(__file__).resolve().parents[2]
 SIDE_TRITONS = {"3.6.0": ROOT / ".cache" / "triton-3.6.0"}  # the GPU machine's Triton, beside torch 2.11
 INSTALL_HINT = "python -m pip install --no-deps --target .cache/triton-{v} triton=={v}"
 # Local memory (bytes per thread; spilled registers live there) a launch may use, by kernel; 0 for any other. The two
-# KD+CE kernels spill at bf16/fp16 multi-row tiles with odd row strides (and the sparse one at a few fp32 ones): 16
-# warps leave 128 registers a thread, loads that cannot vectorize keep a 64-bit address per element, and the
-# one-tile path holds the student and teacher tiles across both passes. Fewer warps make it worse (8 warps: 255
-# registers and more spills; more elements a thread). Measured at most 48 and 400 B (Triton 3.6 and 3.9); the bounds
-# leave ~15% for other Triton releases. Lower them to 0 when the tiles of these kernels change.
+# KD+CE kernels spill at bf16/fp16 multi-row tiles (BLOCK_N 8 to 64 at 16 warps: 128 registers a thread) when the row
+# stride is odd, so that loads cannot be vectorized; the same launches on rows padded to 16 columns do not (but for a
+# few 8 B cases). A few launches far below the register limit spill 4-8 B too (ptxas 13 with Triton's
+# --regAllocOptLevel=2). Fewer warps make it worse (8 warps: 255 registers and more spills). Measured at most 48 B
+# (_kd_ce) and 400 B (_sparse_kd_ce, Triton 3.6); the bounds leave ~15% for other Triton releases. Lower them to 0
+# when the tiles of these kernels change (benchmarks/results/sm90_resources.md lists every spilling configuration).
 SPILL_BOUND_BYTES = {"_kd_ce_fwd_kernel": 56, "_sparse_kd_ce_fwd_kernel": 464}
 MARKDOWN = "benchmarks/results/sm90_resources.md"
 REGISTER_FILE = 65536  # 32-bit registers per SM on sm_90: regs × threads per program must fit (255 per thread at most)
