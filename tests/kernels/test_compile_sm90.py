@@ -64,9 +64,9 @@ SIDE_TRITONS = {"3.6.0": ROOT / ".cache" / "triton-3.6.0"}  # the GPU machine's 
 INSTALL_HINT = "python -m pip install --no-deps --target .cache/triton-{v} triton=={v}"
 # Local memory (bytes per thread; spilled registers live there) a launch may use, by kernel; 0 for any other. The two
 # KD+CE kernels spill at bf16/fp16 multi-row tiles (BLOCK_N 8 to 64 at 16 warps: 128 registers a thread) when the row
-# stride is odd, so that loads cannot be vectorized; the same launches on rows padded to 16 columns do not (but for a
-# few 8 B cases). A few launches far below the register limit spill 4-8 B too (ptxas 13 with Triton's
-# --regAllocOptLevel=2). Fewer warps make it worse (8 warps: 255 registers and more spills). Measured at most 48 B
+# stride is odd, so that loads cannot be vectorized; the same launches on rows padded to 16 columns do not. Apart
+# from those, a few launches far below the register limit (40-64 registers) keep 8-16 B of stack, with either
+# ptxas. Fewer warps make the big spills worse (8 warps: 255 registers and more spills). Measured at most 48 B
 # (_kd_ce) and 400 B (_sparse_kd_ce, Triton 3.6); the bounds leave ~15% for other Triton releases. Lower them to 0
 # when the tiles of these kernels change (benchmarks/results/sm90_resources.md lists every spilling configuration).
 SPILL_BOUND_BYTES = {"_kd_ce_fwd_kernel": 56, "_sparse_kd_ce_fwd_kernel": 464}
