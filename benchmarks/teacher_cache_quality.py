@@ -99,7 +99,7 @@ def train_both(k: int, copies: int, steps: int) -> dict:
     d = defaults.DEMO_PRETRAIN
     bbc = [str(defaults.bbc_news_dir())]
     teacher = str(bundled_teacher(RunOptions(progress=False)))
-    cache = "runs/teacher-cache-quality/cache"
+    cache = "runs/teacher-cache-quality/teacher-cache"
     cache_teacher(
         CacheTeacherOptions(task="mlm", teacher=teacher, top_k=k, mask_copies=copies, restrict_ce_to_mask=True,
                             hidden=True),
@@ -107,14 +107,14 @@ def train_both(k: int, copies: int, steps: int) -> dict:
         MaskingOptions(mlm_smoothing=d["mlm_smoothing"]), RunOptions(out=cache, progress=False),
     )  # fmt: skip
     out = {}
-    for name, extra in (("live", {}), ("cache", {"teacher_cache": cache})):
+    for name, extra in (("live", {}), ("from-cache", {"teacher_cache": cache})):
         profile = {**d, "data": bbc, "teacher": teacher, "steps": steps, "progress": False, "overwrite": True,
                    "out": f"runs/teacher-cache-quality/{name}", **extra}  # fmt: skip
         report = pretrain(*build_options(argparse.Namespace(), *PRETRAIN_SECTIONS, profile=profile))
         out[name] = {"mlm_accuracy": report["student"]["mlm_accuracy"], "perplexity": report["student"]["perplexity"],
                      "train_seconds": report["train_seconds"], "last_loss": report["last_loss"]}  # fmt: skip
     out["accuracy_points_cache_minus_live"] = round(
-        100 * (out["cache"]["mlm_accuracy"] - out["live"]["mlm_accuracy"]), 3
+        100 * (out["from-cache"]["mlm_accuracy"] - out["live"]["mlm_accuracy"]), 3
     )
     return out
 
