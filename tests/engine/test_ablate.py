@@ -2,9 +2,7 @@
 killed ablation resumed through the CLI."""
 
 import json
-import os
 import shutil
-import signal
 
 import pytest
 import torch
@@ -17,6 +15,7 @@ from engine.config import ModelConfig
 from engine.defaults import bbc_news_dir
 from engine.model import build_model
 from engine.options import AblateOptions
+from tests.engine.test_pretrain import _StopAfter  # SIGINT at the loop's n-th batch
 
 STEPS = 4
 
@@ -129,25 +128,6 @@ def test_table_variations_are_the_differences_of_the_reports(ablation):
         assert cells[7] == f"{100 * d['top1_agreement']:+.2f}"
     assert ab.format_ablation(table).count("\n") == len(table["variants"]) + 3  # title, header, rule, teacher row
     assert table["chart"] and (out / "ablation.png").stat().st_size > 0
-
-
-class _StopAfter:
-    """Sends SIGINT to this process when the loop takes its `n`-th batch (counted across variants)."""
-
-    def __init__(self, n):
-        self.n, self.calls = n, 0
-
-    def wrap(self, cls):
-        outer = self
-
-        class Batches(cls):
-            def next_batch(self):
-                outer.calls += 1
-                if outer.calls == outer.n:
-                    os.kill(os.getpid(), signal.SIGINT)
-                return super().next_batch()
-
-        return Batches
 
 
 def test_killed_ablation_resumes_without_rerunning_finished_variants(ablation, teacher, corpus, tmp_path,
