@@ -57,7 +57,13 @@ from transformers import Trainer, TrainingArguments
 from transformers.modeling_outputs import MaskedLMOutput
 from transformers.models.auto import modeling_auto
 
-from engine.objectives import check_kd_options, task_loss, triple_loss
+from engine.objectives import (
+    check_cosine_widths,
+    check_kd_options,
+    check_objective_options,
+    pretrain_loss,
+    task_loss,
+)
 from engine.options import KDOptions, ObjectiveOptions
 
 TASKS = ("classification", "qa", "mlm")
@@ -231,12 +237,8 @@ def check_pair(student: nn.Module, teacher: nn.Module, task: str, opts=None) -> 
                     f"the {who} {type(model).__name__} has an MLM head this integration cannot read; MLM "
                     "distillation takes BertForMaskedLM and DistilBertForMaskedLM"
                 )
-        sh, th = _hidden_size(s), _hidden_size(t)
-        if opts is not None and opts.alpha_cos > 0 and sh != th:
-            raise ValueError(
-                f"the cosine loss needs equal hidden sizes, but the student has {sh} and the teacher {th}; "
-                "pass alpha_cos=0 or use a student of the teacher's width"
-            )
+        if opts is not None:
+            check_cosine_widths(_hidden_size(s), _hidden_size(t), opts, cli=False)
 
 
 def _hidden_size(config) -> int:
@@ -305,12 +307,7 @@ class DistillationLoss(nn.Module):
         self.task = task
         if task == "mlm":
             self.options = ObjectiveOptions(**given)
-            o = self.options
-            if not o.temperature > 0:
-                raise ValueError(f"temperature must be > 0, got {o.temperature}")
-            if min(o.alpha_ce, o.alpha_mlm, o.alpha_cos) < 0 or o.alpha_ce == o.alpha_mlm == o.alpha_cos == 0:
-                raise ValueError(f"alpha_ce, alpha_mlm, alpha_cos must be ≥ 0, not all 0; got {o.alpha_ce}, "
-                                 f"{o.alpha_mlm}, {o.alpha_cos}")  # fmt: skip
+            check_objective_options(self.options, cli=False)
         else:
             self.options = KDOptions(**given)
             check_kd_options(task, self.options)
@@ -378,27 +375,20 @@ class DistillationLoss(nn.Module):
         return {**out, "attention_mask": mask}
 
     def _mlm(self, student: nn.Module, hf: nn.Module, batch: dict):
-        o = self.options
         if "labels" not in batch:
             raise ValueError(
                 "MLM distillation needs the batch's 'labels' (B, L): the original ids at masked positions, −100 "
                 "elsewhere (DataCollatorForLanguageModeling makes them)"
             )
-        ids, labels = batch["input_ids"], batch["labels"]
+        ids = batch["input_ids"]
         mask = batch.get("attention_mask")
         mask = torch.ones_like(ids) if mask is None else mask
         rows = mask.reshape(-1).nonzero().squeeze(1)  # (N,) non-pad positions; reads N back to the host
-        need_teacher = o.kd_weight > 0 or o.alpha_cos > 0
-        t_rows = None
-        if need_teacher:
-            with torch.no_grad():
-                t_hidden = _last_hidden_state(self.teacher, self.teacher, batch)  # (B, L, H_t)
-                t_rows = t_hidden.flatten(0, 1).index_select(0, rows)  # (N, H_t)
-        s_hidden = _last_hidden_state(student, hf, batch)  # (B, L, H)
-        s_rows = s_hidden.flatten(0, 1).index_select(0, rows)  # (N, H)
-        row_labels = labels.reshape(-1).index_select(0, rows)  # (N,)
-        t_head = _mlm_head(self.teacher, frozen=True) if need_teacher else None
-        loss, terms = triple_loss(s_rows, t_rows, row_labels, _mlm_head(hf), t_head, o)
+        loss, terms = pretrain_loss(
+            lambda: _last_hidden_state(student, hf, batch),  # (B, L, H)
+            lambda: _last_hidden_state(self.teacher, self.teacher, batch),  # (B, L, H_t)
+            rows, batch["labels"], _mlm_head(hf), _mlm_head(self.teacher, frozen=True), self.options,
+        )  # fmt: skip
         return loss, terms, MaskedLMOutput(loss=loss)
 
 

@@ -86,24 +86,42 @@ def device_batch(
     return DeviceBatch(**moved, local=local, share=share)
 
 
-def check_objective_options(opts: ObjectiveOptions, masking=None) -> None:
-    """The pretraining loss's weights, temperature and masking fractions; a clear error names the flag.
+def _option(name: str, cli: bool, value=None) -> str:
+    """Option `name` (and a value) as the caller spells it: `--alpha-cos 0` on the command line, `alpha_cos=0` in
+    Python (`engine.hf`)."""
+    if cli:
+        return f"--{name.replace('_', '-')}" + ("" if value is None else f" {value}")
+    return name + ("" if value is None else f"={value}")
+
+
+def check_objective_options(opts: ObjectiveOptions, masking=None, cli: bool = True) -> None:
+    """The pretraining loss's weights, temperature and masking fractions; a clear error names the option.
 
     A negative weight is refused, not taken as "off": --alpha-ce -1 would turn KD off without a word, and a negative
-    MLM weight alone leaves a loss with no gradient.
+    MLM weight alone leaves a loss with no gradient. `cli`: the error names the flag (`--alpha-ce`), else the keyword
+    argument (`alpha_ce`, `engine.hf`).
     """
     if not (math.isfinite(opts.temperature) and opts.temperature > 0):
-        raise ValueError(f"--temperature must be > 0, got {opts.temperature}")
+        raise ValueError(f"{_option('temperature', cli)} must be > 0, got {opts.temperature}")
     for name in ("alpha_ce", "alpha_mlm", "alpha_cos"):
         value = getattr(opts, name)
         if not (math.isfinite(value) and value >= 0):
-            raise ValueError(f"--{name.replace('_', '-')} must be ≥ 0 (0 switches the term off), got {value}")
+            raise ValueError(f"{_option(name, cli)} must be ≥ 0 (0 switches the term off), got {value}")
     if opts.kd_weight == opts.alpha_mlm == opts.alpha_cos == 0:
         raise ValueError("every loss term is switched off (alpha_ce = alpha_mlm = alpha_cos = 0)")
     if masking is not None and masking.mask_replace + masking.random_replace > 1:
         raise ValueError(
             f"--mask-replace {masking.mask_replace} + --random-replace {masking.random_replace} exceed 1: they are "
             "shares of the same chosen tokens"
+        )
+
+
+def check_cosine_widths(student_hidden: int, teacher_hidden: int, opts: ObjectiveOptions, cli: bool = True) -> None:
+    """The cosine term compares hidden states row by row, so it needs a student of the teacher's width."""
+    if opts.alpha_cos > 0 and student_hidden != teacher_hidden:
+        raise ValueError(
+            f"the cosine loss needs equal hidden sizes, but the student has {student_hidden} and the teacher "
+            f"{teacher_hidden}; pass {_option('alpha_cos', cli, 0)} or use a student of the teacher's width"
         )
 
 
@@ -124,12 +142,7 @@ class PretrainObjective:
         if (opts.kd_weight > 0 or opts.alpha_cos > 0) and teacher is None:
             raise ValueError("alpha_ce and alpha_cos need a teacher")
         h_s = student.config.hidden_size
-        h_t = teacher.config.hidden_size if teacher is not None else h_s
-        if opts.alpha_cos > 0 and h_s != h_t:
-            raise ValueError(
-                f"the cosine loss needs equal hidden sizes, but the student has {h_s} and the teacher {h_t}; "
-                "pass --alpha-cos 0 or use a student of the teacher's width"
-            )
+        check_cosine_widths(h_s, teacher.config.hidden_size if teacher is not None else h_s, opts)
         self.teacher, self.student, self.opts, self.masking = teacher, student, opts, masking
         self.special_ids, self.mask_id, self.token_weights, self.generator = (
             special_ids,
@@ -163,18 +176,40 @@ class PretrainObjective:
             input_ids, labels, attention_mask = input_ids[batch.local], labels[batch.local], attention_mask[batch.local]
             masked = (labels != -100).sum() / all_masked.clamp_min(1) if batch.share > 0 else 0.0
             shares = RowShares(rows=batch.share, masked=masked)
-        need_teacher = o.kd_weight > 0 or o.alpha_cos > 0
-        if need_teacher:
-            with torch.no_grad():
-                t_hidden = self.teacher.encoder(input_ids, attention_mask).last_hidden_state  # (B, L, H_t)
-                t_rows = t_hidden.flatten(0, 1).index_select(0, batch.rows)  # (N, H_t)
-        s_hidden = self.student.encoder(input_ids, attention_mask).last_hidden_state  # (B, L, H)
-        s_rows = s_hidden.flatten(0, 1).index_select(0, batch.rows)  # (N, H)
-        row_labels = labels.reshape(-1).index_select(0, batch.rows)  # (N,)
-        t_head = self.teacher.lm_head if self.teacher is not None else None
-        return triple_loss(
-            s_rows, t_rows if need_teacher else None, row_labels, self.student.lm_head, t_head, o, shares
-        )
+        teacher = self.teacher
+        return pretrain_loss(
+            lambda: self.student.encoder(input_ids, attention_mask).last_hidden_state,
+            lambda: teacher.encoder(input_ids, attention_mask).last_hidden_state,
+            batch.rows, labels, self.student.lm_head, teacher.lm_head if teacher is not None else None, o, shares,
+        )  # fmt: skip
+
+
+def pretrain_loss(
+    student_hidden, teacher_hidden, rows, labels, student_head, teacher_head, o: ObjectiveOptions,
+    shares: RowShares | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:  # fmt: skip
+    """The triple loss of one batch from its models' last hidden states: the rows are packed once, then `triple_loss`.
+
+    The one place that says which model runs when: the teacher first, under no_grad and only when a KD or cosine term
+    needs it, then the student. `PretrainObjective` and `engine.hf` (MLM) call it with their own models.
+
+    Args:
+        student_hidden: () → (B, L, H) the student's last hidden states (called with grad).
+        teacher_hidden: () → (B, L, H_t) the teacher's.
+        rows: (N,) int64 flat indices of the KD/cosine rows (the non-pad positions) in the (B·L) positions.
+        labels: (B, L) int64 MLM labels, −100 where a position is not masked.
+        student_head, teacher_head, o, shares: as `triple_loss` takes them (teacher_head None: no teacher).
+    Returns:
+        `triple_loss`'s (loss () fp32, {"kd", "mlm", "cos"}).
+    """
+    need_teacher = o.kd_weight > 0 or o.alpha_cos > 0
+    t_rows = None
+    if need_teacher:
+        with torch.no_grad():
+            t_rows = teacher_hidden().flatten(0, 1).index_select(0, rows)  # (N, H_t)
+    s_rows = student_hidden().flatten(0, 1).index_select(0, rows)  # (N, H)
+    row_labels = labels.reshape(-1).index_select(0, rows)  # (N,)
+    return triple_loss(s_rows, t_rows, row_labels, student_head, teacher_head, o, shares)
 
 
 def triple_loss(
