@@ -53,11 +53,14 @@ _CACHE_FORMAT = 1  # bump when the cached layout or the splitting rule changes
 _non_utf8_noted = False
 
 
+UTF16_BOMS = (b"\xff\xfe", b"\xfe\xff")  # UTF-16 byte-order marks (little-, big-endian)
+
+
 def _binary_reason(data: bytes) -> str | None:
     """Why `data` is not text, or None. Text has no NUL bytes (UTF-16 aside, which starts with a byte-order mark)
     and few control characters; executables, archives and images have both within their first kilobytes."""
     head = data[:8192]
-    if head.startswith((b"\xff\xfe", b"\xfe\xff")):
+    if head.startswith(UTF16_BOMS):
         return None
     if b"\x00" in head:
         return "it holds NUL bytes"
@@ -78,20 +81,32 @@ def read_text_file(path: Path) -> str:
     """
     global _non_utf8_noted
     data = path.read_bytes()
-    reason = _binary_reason(data)
+    _check_text(path, data)
+    if data.startswith(UTF16_BOMS):
+        return data.decode("utf-16")
+    text, fallback = decode_bytes(data)
+    if fallback and not _non_utf8_noted:
+        _non_utf8_noted = True
+        log.warning("note: %s/%s is not valid UTF-8; read as Windows-1252 (said once)", path.parent.name, path.name)
+    return text
+
+
+def decode_bytes(data: bytes) -> tuple[str, bool]:
+    """UTF-8 text, or Windows-1252 (its five undefined bytes replaced) where it is not valid UTF-8; True: the
+    fallback was taken. `read_text_file` decodes a whole file with it, `engine.tokenstore` a line at a time."""
+    try:
+        return data.decode("utf-8"), False
+    except UnicodeDecodeError:
+        return data.decode("cp1252", errors="replace"), True
+
+
+def _check_text(path: Path, head: bytes) -> None:
+    """Refuse a file whose first bytes `head` are not text."""
+    reason = _binary_reason(head)
     if reason:
         raise ValueError(
             f"{path} is not a text file ({reason}: an executable, archive or image?); remove it from --data"
         )
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        return data.decode("utf-16")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        if not _non_utf8_noted:
-            _non_utf8_noted = True
-            log.warning("note: %s/%s is not valid UTF-8; read as Windows-1252 (said once)", path.parent.name, path.name)
-        return data.decode("cp1252", errors="replace")
 
 
 def _is_blank_file(path: Path) -> bool:
@@ -107,13 +122,18 @@ def _is_saved_dataset(path: Path) -> bool:
     return any((path / name).is_file() for name in ("dataset_info.json", "state.json", "dataset_dict.json"))
 
 
-def _column_texts(ds, text_column: str, source: Path) -> list[str]:
-    """The non-blank strings of `ds[text_column]`; errors name `source` and the columns it has."""
+def check_column(ds, text_column: str, source: Path) -> None:
+    """A clear error naming `source` and the columns it has when `ds` has no `text_column`."""
     if text_column not in ds.column_names:
         raise ValueError(
             f"{source}: no column {text_column!r}; it has columns {ds.column_names}. "
             "Pass text_column=<one of them> (--text-column on the command line)."
         )
+
+
+def _column_texts(ds, text_column: str, source: Path) -> list[str]:
+    """The non-blank strings of `ds[text_column]`; errors name `source` and the columns it has."""
+    check_column(ds, text_column, source)
     values = ds[text_column]
     texts = [v for v in values if isinstance(v, str) and v.strip()]
     if len(texts) < len(values):
@@ -121,7 +141,9 @@ def _column_texts(ds, text_column: str, source: Path) -> list[str]:
     return texts
 
 
-def _load_with_datasets(path: Path, text_column: str) -> list[str]:
+def open_dataset(path: Path):
+    """A `datasets.Dataset` of a .json/.jsonl/.csv file or of a `save_to_disk` folder (its "train" split, or its one
+    split); errors name the file."""
     try:
         import datasets
     except ImportError as e:  # the GPU machine has no `datasets`: .txt corpora or a token cache work there
@@ -138,13 +160,68 @@ def _load_with_datasets(path: Path, text_column: str) -> list[str]:
                 ds = next(iter(ds.values()))
             else:
                 raise ValueError(f"{path}: a DatasetDict with splits {list(ds)} and no 'train'; save one split")
-    else:
-        builder = "csv" if path.suffix.lower() == ".csv" else "json"
-        try:
-            ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-        except Exception as e:  # datasets' own errors for malformed files rarely name the file
-            raise ValueError(f"could not read {path} as {builder}: {type(e).__name__}: {e}") from e
-    return _column_texts(ds, text_column, path)
+        return ds
+    builder = "csv" if path.suffix.lower() == ".csv" else "json"
+    try:
+        return datasets.load_dataset(builder, data_files=str(path), split="train")
+    except Exception as e:  # datasets' own errors for malformed files rarely name the file
+        raise ValueError(f"could not read {path} as {builder}: {type(e).__name__}: {e}") from e
+
+
+@dataclass(frozen=True)
+class Source:
+    path: Path
+    kind: str  # "txt" (one document) or "rows" (datasets: one document a row)
+
+
+def _path_sources(path: Path) -> list[Source]:
+    """The sources one given path names, checked without reading them: it exists; a directory is a `save_to_disk`
+    folder or holds `*.txt` files (sorted by path, blank ones left out); a file has a known extension and is not
+    blank."""
+    if not path.exists():
+        raise FileNotFoundError(f"data file not found: {path} ({_ACCEPTED})")
+    if path.is_dir():
+        if _is_saved_dataset(path):
+            return [Source(path, "rows")]
+        files = sorted(p for p in path.rglob("*.txt") if p.is_file())
+        if not files:
+            raise ValueError(
+                f"no .txt files under directory {path}; pass .json/.jsonl/.csv files themselves ({_ACCEPTED})"
+            )
+        kept = [p for p in files if not _is_blank_file(p)]
+        if not kept:
+            raise ValueError(f"no text found in {path} (all documents blank)")
+        if len(kept) < len(files):
+            log.info("%s: skipped %d blank .txt files", path, len(files) - len(kept))
+        return [Source(p, "txt") for p in kept]
+    suffix = path.suffix.lower()
+    if suffix not in (".txt", ".json", ".jsonl", ".csv"):
+        raise ValueError(f"unknown data file extension {suffix!r} for {path} ({_ACCEPTED})")
+    if _is_blank_file(path):
+        raise ValueError(f"data file is empty: {path}; remove it from the list or give it text")
+    return [Source(path, "txt" if suffix == ".txt" else "rows")]
+
+
+def _as_paths(paths: PathLike | Sequence[PathLike]) -> list[Path]:
+    return [Path(p) for p in ([paths] if isinstance(paths, str | os.PathLike) else paths)]
+
+
+def find_sources(paths: PathLike | Sequence[PathLike], text_column: str = "text") -> list[Source]:
+    """The files `paths` name, in order (directories: `*.txt` sorted by path, or a `save_to_disk` folder), checked as
+    `load_texts` checks them but without reading them: existence, extension, an empty file, a binary one (its first
+    bytes). Every path is checked before any file's bytes.
+
+    Raises:
+        FileNotFoundError, ValueError: as `load_texts`, naming the file and what to do.
+    """
+    sources = [s for path in _as_paths(paths) for s in _path_sources(path)]
+    if not sources:
+        raise ValueError("no data files given: the corpus is empty")
+    for s in sources:
+        if s.kind == "txt":
+            with open(s.path, "rb") as f:
+                _check_text(s.path, f.read(8192))
+    return sources
 
 
 def load_texts(paths: PathLike | Sequence[PathLike], text_column: str = "text") -> list[str]:
@@ -165,32 +242,14 @@ def load_texts(paths: PathLike | Sequence[PathLike], text_column: str = "text") 
         ValueError: an empty file or corpus, an unknown extension, a missing column; the message
             names the file and what to do.
     """
-    if isinstance(paths, str | os.PathLike):
-        paths = [paths]
     texts: list[str] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise FileNotFoundError(f"data file not found: {path} ({_ACCEPTED})")
-        if path.is_dir():
-            if _is_saved_dataset(path):
-                found = _load_with_datasets(path, text_column)
-            else:
-                files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-                if not files:
-                    raise ValueError(
-                        f"no .txt files under directory {path}; pass .json/.jsonl/.csv files themselves ({_ACCEPTED})"
-                    )
-                found = [t for t in (read_text_file(p) for p in files) if t.strip()]
-                if len(found) < len(files):
-                    log.info("%s: skipped %d blank .txt files", path, len(files) - len(found))
-        else:
-            suffix = path.suffix.lower()
-            if suffix not in (".txt", ".json", ".jsonl", ".csv"):
-                raise ValueError(f"unknown data file extension {suffix!r} for {path} ({_ACCEPTED})")
-            if _is_blank_file(path):
-                raise ValueError(f"data file is empty: {path}; remove it from the list or give it text")
-            found = [read_text_file(path)] if suffix == ".txt" else _load_with_datasets(path, text_column)
+    for path in _as_paths(paths):  # one path at a time: its files are read before the next path is checked
+        found: list[str] = []
+        for source in _path_sources(path):
+            if source.kind == "rows":
+                found.extend(_column_texts(open_dataset(source.path), text_column, source.path))
+            elif (text := read_text_file(source.path)).strip():
+                found.append(text)
         if not found:
             raise ValueError(f"no text found in {path} (all documents blank)")
         texts.extend(found)

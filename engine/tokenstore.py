@@ -42,6 +42,19 @@ from pathlib import Path
 
 import numpy as np
 
+# The data files' checks (`find_sources`) and decoding are `engine.corpus`'s: the store reads what `load_texts` reads.
+from engine.corpus import (
+    UTF16_BOMS,
+    PathLike,
+    Sequences,
+    Source,
+    _tokenizer_fingerprint,
+    check_column,
+    decode_bytes,
+    find_sources,
+    open_dataset,
+)
+
 log = logging.getLogger(__name__)
 
 FORMAT = 1  # bump when the layout or the splitting rule changes
@@ -53,102 +66,24 @@ HASH_CHUNK = 8 << 20
 # ---- sources ---------------------------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Source:
-    path: Path
-    kind: str  # "txt" (one document, streamed by line) or "rows" (datasets: one document a row)
-
-
-def find_sources(paths: PathLike | Sequence[PathLike], text_column: str = "text") -> list[Source]:
-    """The files `paths` name, in order (directories: `*.txt` sorted by path, or a `save_to_disk` folder), checked as
-    `engine.corpus.load_texts` checks them but without reading them: existence, extension, an empty file, a binary
-    one (its first bytes).
-
-    Raises:
-        FileNotFoundError, ValueError: as `load_texts`, naming the file and what to do.
-    """
-    from engine.corpus import _ACCEPTED, _binary_reason, _is_blank_file, _is_saved_dataset
-
-    if isinstance(paths, str | os.PathLike):
-        paths = [paths]
-    sources: list[Source] = []
-    for raw in paths:
-        path = Path(raw)
-        if not path.exists():
-            raise FileNotFoundError(f"data file not found: {path} ({_ACCEPTED})")
-        if path.is_dir():
-            if _is_saved_dataset(path):
-                sources.append(Source(path, "rows"))
-                continue
-            files = sorted(p for p in path.rglob("*.txt") if p.is_file())
-            if not files:
-                raise ValueError(
-                    f"no .txt files under directory {path}; pass .json/.jsonl/.csv files themselves ({_ACCEPTED})"
-                )
-            kept = [p for p in files if not _is_blank_file(p)]
-            if not kept:
-                raise ValueError(f"no text found in {path} (all documents blank)")
-            sources.extend(Source(p, "txt") for p in kept)
-        else:
-            suffix = path.suffix.lower()
-            if suffix not in (".txt", ".json", ".jsonl", ".csv"):
-                raise ValueError(f"unknown data file extension {suffix!r} for {path} ({_ACCEPTED})")
-            if _is_blank_file(path):
-                raise ValueError(f"data file is empty: {path}; remove it from the list or give it text")
-            sources.append(Source(path, "txt" if suffix == ".txt" else "rows"))
-    if not sources:
-        raise ValueError("no data files given: the corpus is empty")
-    for s in sources:
-        if s.kind == "txt":
-            with open(s.path, "rb") as f:
-                reason = _binary_reason(f.read(8192))
-            if reason:
-                raise ValueError(
-                    f"{s.path} is not a text file ({reason}: an executable, archive or image?); remove it from --data"
-                )
-    return sources
-
-
-PathLike = str | os.PathLike
-
-
 def _text_lines(path: Path) -> Iterator[str]:
     """A text file's lines, decoded as `engine.corpus.read_text_file` decodes the whole file (UTF-8; UTF-16 with a
     byte-order mark; a line that is not UTF-8 as Windows-1252), without holding more than a line."""
     with open(path, "rb") as f:
         head = f.read(2)
-    if head in (b"\xff\xfe", b"\xfe\xff"):
+    if head in UTF16_BOMS:
         with open(path, encoding="utf-16") as f:
             yield from f
         return
     with open(path, "rb") as f:
         for raw in f:
-            try:
-                yield raw.decode("utf-8")
-            except UnicodeDecodeError:
-                yield raw.decode("cp1252", errors="replace")
+            yield decode_bytes(raw)[0]
 
 
 def _rows(path: Path, text_column: str) -> Iterator[str]:
     """A .json/.jsonl/.csv file's or a saved dataset's non-blank texts, a batch of rows at a time (Arrow, mapped)."""
-    try:
-        import datasets
-    except ImportError as e:
-        raise ImportError(
-            f"reading {path} needs the `datasets` package (pip install datasets), or give .txt files instead"
-        ) from e
-    if path.is_dir():
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-    else:
-        builder = "csv" if path.suffix.lower() == ".csv" else "json"
-        ds = datasets.load_dataset(builder, data_files=str(path), split="train")
-    if text_column not in ds.column_names:
-        raise ValueError(
-            f"{path}: no column {text_column!r}; it has columns {ds.column_names}. "
-            "Pass text_column=<one of them> (--text-column on the command line)."
-        )
+    ds = open_dataset(path)
+    check_column(ds, text_column, path)
     for batch in ds.select_columns([text_column]).iter(batch_size=1000):
         for text in batch[text_column]:
             if isinstance(text, str) and text.strip():
@@ -333,8 +268,6 @@ class TokenStore:
         """`Sequences` over the mapped files: ids (T,) uint16/int32 (read lazily), offsets (N + 1,) int64 in memory."""
         import torch
 
-        from engine.corpus import Sequences
-
         n, t = self.meta["num_sequences"], self.meta["num_tokens"]
         ids = _mapped(self.folder / "ids.bin", np.dtype(self.meta["dtype"]), t)
         offsets = np.fromfile(self.folder / "offsets.bin", dtype=np.int64, count=n + 1)
@@ -355,8 +288,6 @@ def _mapped(path: Path, dtype: np.dtype, count: int) -> np.ndarray:
 
 
 def store_key(sources: list[Source], text_column: str, tokenizer, max_seq_len: int, min_seq_len: int) -> str:
-    from engine.corpus import _tokenizer_fingerprint
-
     parts = [sources_hash(sources, text_column), _tokenizer_fingerprint(tokenizer), str(max_seq_len)]
     parts += [str(min_seq_len), f"store{FORMAT}"]
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
