@@ -1,7 +1,8 @@
-"""What the row kernels share: their launch heuristic and their rounding store.
+"""What the row kernels share: their launch heuristics and their rounding store.
 
-Every kernel in `kernels/` walks 2-D row-major tensors row by row (or a few narrow rows per program),
-so one pure function of (row width, dtype) picks their tiles for all of them.
+Every kernel in `kernels/` walks 2-D row-major tensors row by row (or a few narrow rows per program), so two pure
+functions of (row width, dtype) pick their tiles: `row_tiles` for the light kernels (softmax, cosine, the gradient
+scaling) and `kd_ce_tiles` for the two KD+CE kernels, which hold more per value and per row.
 """
 
 import torch
@@ -9,19 +10,43 @@ import triton
 import triton.language as tl
 
 
+def _tiles(width: int, one_row: int, many_rows: int, values_per_warp: int) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK, num_warps): BLOCK the row's power of two up to `one_row` values (wider rows loop); narrower
+    rows share a program up to `many_rows` values in all and 64 rows; one warp per `values_per_warp` values, 1 to 16."""
+    block = min(triton.next_power_of_2(max(width, 1)), one_row)
+    block_n = max(1, min(many_rows // block, 64))
+    num_warps = min(16, max(1, block_n * block // values_per_warp))
+    return block_n, block, num_warps
+
+
 def row_tiles(width: int, dtype: torch.dtype) -> tuple[int, int, int]:
-    """(BLOCK_N, BLOCK, num_warps) for rows of `width` elements stored as `dtype`.
+    """(BLOCK_N, BLOCK, num_warps) for rows of `width` elements stored as `dtype` (softmax, cosine, `_grad`).
 
     A tile holds at most 8 KB per input (4096 bf16/fp16 or 2048 fp32 values): with 16 warps each thread issues one
     16-byte vector load per tile and keeps 8 fp32 values per operand, far from spilling. Rows wider than a tile
-    loop; narrower rows share a program (BLOCK_N ≤ 64 rows: each row carries ~12 fp32 running statistics in the
-    KD+CE kernel, and 4096 rows of width 1 in one program spill registers).
+    loop; narrower rows share a program (BLOCK_N ≤ 64 rows: 4096 rows of width 1 in one program spill registers).
     """
     elems = 8192 // dtype.itemsize
-    block = min(triton.next_power_of_2(max(width, 1)), elems)
-    block_n = min(elems // block, 64)
-    num_warps = min(16, max(1, block_n * block * dtype.itemsize // 512))
-    return block_n, block, num_warps
+    return _tiles(width, elems, elems, 512 // dtype.itemsize)
+
+
+def kd_ce_tiles(width: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK, num_warps) for the KD+CE kernels (`kernels.distill`, `kernels.sparse_kd`).
+
+    One row: as `row_tiles` (4096 16-bit or 2048 fp32 values, 16 warps). Several rows: at most 2048 values in any
+    dtype, and one warp per 128 values (4 a thread at 16 warps), which is what fp32 tiles always were. Why: these
+    kernels keep each value of both operands and of the gradient in fp32 (~3 registers per value) beside 12 to 20
+    fp32 statistics per row (the sparse kernel's three fp64 sums count twice), and at 16 warps a thread has 128
+    registers. `row_tiles`' 16-bit multi-row tile (4096 values, 8 a thread) spilled there when the row stride is
+    odd (no vector loads: every value its own address): up to 48 B of local memory a thread in `_kd_ce_fwd_kernel`
+    and 400 B in `_sparse_kd_ce_fwd_kernel` on sm_90 (Triton 3.6.0, ptxas 12.8); fewer warps spill more, since the
+    values a thread holds grow as fast as its registers (tests/kernels/test_compile_sm90.py, whose table is
+    benchmarks/results/sm90_resources.md). A single-row tile keeps one set of row statistics per program, and the
+    same 8 values a thread do not spill there. Multi-row tiles hold narrow rows (V ≤ 2048, classes and QA spans),
+    where a program is short either way: halving its rows doubles the programs, not the traffic.
+    """
+    one_row = 8192 // dtype.itemsize
+    return _tiles(width, one_row, 2048, 128)
 
 
 @triton.jit
