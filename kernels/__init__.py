@@ -19,8 +19,9 @@ and one naming ladder per family that no two layers share:
                       is reference_sparse.py
 
 and what they share, in private modules: `_contract` (the one input checker), `_dispatch` (where an op runs and the
-dtypes the kernels take), `_tiles` (the launch heuristic and the rounding store), `_grad` (the backward of every loss
-that forms its gradient in the forward).
+dtypes the kernels take), `_tiles` (the launch heuristics and the rounding store), `_grad` (the backward of every loss
+that forms its gradient in the forward), `_kd_ce` (what the dense and the sparse KD+CE families share: the CE row and
+its gradient, the row setup, the launch buffers, the weights → scales of their Functions).
 
 Note: `kernels.softmax` and `kernels.cross_entropy` are the functions (re-exported here), which shadow the submodules
 of the same names as attributes; reach the modules with `importlib.import_module("kernels.softmax")` or

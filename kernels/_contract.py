@@ -85,6 +85,20 @@ def constant(name: str, x: torch.Tensor | None) -> None:
         )
 
 
+def topk_targets(ref: torch.Tensor, values: object, indices: object, lse: object) -> None:
+    """A teacher stored sparsely beside (..., V) student logits `ref` (`kernels.sparse_kd`): (..., K) `topk_logits`
+    and `topk_indices` with 1 ≤ K ≤ V, (...) `teacher_lse`; all on ref's device, no floating one requiring grad."""
+    lead, v = tuple(ref.shape[:-1]), ref.shape[-1]
+    tensor("topk_logits", values, "float", device=ref.device)
+    k = values.shape[-1] if values.dim() else 0
+    if tuple(values.shape[:-1]) != lead or not 1 <= k <= v:
+        _fail("topk_logits", f"of shape {(*lead, 'K')} with 1 ≤ K ≤ V = {v}", tuple(values.shape))
+    tensor("topk_indices", indices, "int", shape=values.shape, device=ref.device)
+    tensor("teacher_lse", lse, "float", shape=lead, device=ref.device)
+    constant("topk_logits", values)
+    constant("teacher_lse", lse)
+
+
 def real(name: str, x: object, low: float = -math.inf, high: float = math.inf, open_low: bool = False) -> float:
     """A finite host number in [low, high] ((low, high] with `open_low`) as a float.
 

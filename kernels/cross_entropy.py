@@ -11,7 +11,8 @@ from torch.autograd.function import once_differentiable
 
 from kernels import _contract as check
 from kernels._grad import grad_scale_for, scale_grad_
-from kernels.distill import flat_rows, kd_ce_rows, row_count
+from kernels._kd_ce import flat_rows, row_count
+from kernels.distill import kd_ce_rows
 
 
 class CrossEntropyLossFunction(torch.autograd.Function):

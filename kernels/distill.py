@@ -53,24 +53,26 @@ two resident rows each keep ~32 MB in flight, under H100's 50 MB L2). Keeping th
 written over s itself (`grad_out=student`): each block is read before it is overwritten.
 """
 
-from typing import NamedTuple
-
 import torch
 import triton
 import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels import _contract as check
+from kernels import _kd_ce
 from kernels._dispatch import use_triton
-from kernels._grad import grad_scale_for, scale_grad_
-from kernels._tiles import round_to, row_tiles
+from kernels._kd_ce import (
+    DistillLossOutput,
+    WeightedLossModule,
+    ce_grad,
+    ce_row,
+    flat_rows,
+    row_setup,
+    shift,
+    store_rows,
+)
+from kernels._tiles import kd_ce_tiles, round_to
 from kernels.reference import kd_ce_rows_reference
-
-
-@triton.jit
-def _shift(m):
-    """The row maximum as a shift: 0 while a row has seen only −inf (x − (−inf) would turn −inf entries into NaN)."""
-    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
@@ -102,7 +104,7 @@ def _stats_tile(
     """Pass-1 update with one tile: running maxima M_s, M_t and the sums d_s, d_1, d_t, A, Σ(s − s_y) relative to
     them (the module docstring's definitions)."""
     m_s_new = tl.maximum(m_s, tl.max(s, axis=1))
-    sh_old, sh_s = _shift(m_s), _shift(m_s_new)
+    sh_old, sh_s = shift(m_s), shift(m_s_new)
     x = s - sh_s[:, None]
     # Rescale factors from the raw old maximum: exp(−inf) = 0 empties a sum that has seen nothing (a shift of 0
     # there would give exp(+large)·0 = NaN when the new maximum is very negative).
@@ -114,7 +116,7 @@ def _stats_tile(
             s_sum += tl.sum(tl.where(mask, s - s_ref[:, None], 0.0), axis=1)
     if HAS_TEACHER:
         m_t_new = tl.maximum(m_t, tl.max(t, axis=1))
-        sh_t_old, sh_t = _shift(m_t), _shift(m_t_new)
+        sh_t_old, sh_t = shift(m_t), shift(m_t_new)
         u = t - sh_t[:, None]
         alpha = tl.exp((m_t - sh_t) * inv_t)
         w = tl.exp(u * inv_t)
@@ -143,11 +145,7 @@ def _grad_tile(
         p_t = tl.exp((t - sh_t[:, None]) * inv_t - log_dt[:, None])
         g = tl.where(kd_on[:, None], kd_coef * (p_s - p_t), 0.0)  # where, not a 0 factor: ignored rows may hold NaN
     if HAS_LABELS:
-        # (q − 1) at the true class is formed in fp32; rounding q first to bf16 cancels catastrophically near q = 1.
-        onehot = tl.where(offs[None, :] == y[:, None], 1.0 - smoothing, 0.0)
-        g_ce = tl.exp(x - log_d1[:, None]) - smoothing / V - onehot
-        g_ce = tl.where(in_range[:, None], g_ce, float("nan"))  # a label outside [0, V) poisons its row
-        g += tl.where(ce_on[:, None], ce_coef * g_ce, 0.0)
+        g += ce_grad(x, offs[None, :], y, ce_on, in_range, ce_coef, log_d1, smoothing, V)
     return g
 
 
@@ -181,28 +179,11 @@ def _kd_ce_fwd_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
-    # BLOCK_N rows per program (many for small V, 1 for wide rows). 64-bit rows: row·stride passes 2^31 elements.
-    out_rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = out_rows < N
-    # Rows past N re-read row N−1 (same program, so in-place stays safe) and are never stored: loads need no row
-    # mask and the padding never computes log 0.
-    rows = tl.minimum(out_rows, N - 1)
+    # BLOCK_N rows per program (many for small V, 1 for wide rows); s_y is read before pass 2 may overwrite s.
+    out_rows, row_ok, rows, kd_on, ce_on, in_range, y, s_y = row_setup(
+        s_ptr, y_ptr, kd_mask_ptr, N, V, stride_s, ignore_index, HAS_LABELS, HAS_KD_MASK, BLOCK_N
+    )
     cols = tl.arange(0, BLOCK)
-
-    kd_on = row_ok
-    if HAS_KD_MASK:
-        kd_on = tl.load(kd_mask_ptr + rows) != 0
-    ce_on = row_ok
-    in_range = row_ok
-    y = cols
-    s_y = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if HAS_LABELS:
-        y_raw = tl.load(y_ptr + rows).to(tl.int64)  # compared in 64 bits: no label wraps into range
-        ce_on = y_raw != ignore_index
-        in_range = (y_raw >= 0) & (y_raw < V)
-        y = tl.where(in_range, y_raw, 0).to(tl.int32)
-        # The label logit is read before pass 2 may overwrite s (in-place gradient); never at an out-of-range index.
-        s_y = tl.load(s_ptr + rows * stride_s + y, mask=ce_on & in_range, other=0.0).to(tl.float32)
 
     # Pass 1: statistics. A single tile stays in registers for pass 2 (one HBM read); wider rows loop.
     m_s = tl.full([BLOCK_N], float("-inf"), dtype=tl.float32)
@@ -224,7 +205,7 @@ def _kd_ce_fwd_kernel(
                 HAS_TEACHER, HAS_LABELS, HAS_SMOOTHING, ONE_TEMP,
             )  # fmt: skip
 
-    sh_s, sh_t = _shift(m_s), _shift(m_t)
+    sh_s, sh_t = shift(m_s), shift(m_t)
     log_ds = tl.log(d_s)
     log_dt, log_d1 = log_ds, log_ds
     kd = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -232,17 +213,10 @@ def _kd_ce_fwd_kernel(
         log_dt = tl.log(d_t)
         kl = a_t / d_t + _log_ratio(d_s, d_t)
         kd = tl.where(kd_on, kl * (temperature * temperature), 0.0)  # where, not a 0 factor: NaN rows give 0
-    ce = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if HAS_LABELS:
-        if not ONE_TEMP:
-            log_d1 = tl.log(d_1)
-        ce = (sh_s - s_y) + log_d1
-        if HAS_SMOOTHING:
-            ce -= smoothing * (s_sum / V)
-        ce = tl.where(in_range, ce, float("nan"))  # a label outside [0, V) poisons the loss (no OOB read, no sync)
-        ce = tl.where(ce_on, ce, 0.0)
-    tl.store(kd_row_ptr + out_rows, kd, mask=row_ok)  # every row is written, ignored ones with 0
-    tl.store(ce_row_ptr + out_rows, ce, mask=row_ok)
+    if HAS_LABELS and not ONE_TEMP:
+        log_d1 = tl.log(d_1)
+    ce = ce_row(sh_s, s_y, log_d1, s_sum, smoothing, V, ce_on, in_range, HAS_LABELS, HAS_SMOOTHING)
+    store_rows(kd_row_ptr, ce_row_ptr, out_rows, row_ok, kd, ce)
 
     # Pass 2: the gradient, rounded once to the student dtype.
     if COMPUTE_GRAD:
@@ -267,37 +241,21 @@ def _kd_ce_fwd_kernel(
                 tl.store(g_ptrs, round_to(g, g_ptr.dtype.element_ty), mask=row_ok[:, None] & mask)
 
 
-def _scale_tensor(x: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A () fp32 device tensor for a loss weight; a tensor stays where it is (no host round trip)."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(device=device, dtype=torch.float32).reshape(())
-    return torch.full((), float(x), dtype=torch.float32, device=device)
-
-
 def kd_ce_fwd(student, teacher, labels, kd_mask, temperature, kd_scale, ce_scale, label_smoothing, ignore_index,
               compute_grad, grad_out):  # fmt: skip
     """Launch `_kd_ce_fwd_kernel`; arguments and returns as `kd_ce_rows` (inputs already validated)."""
     n, v = student.shape
-    # The kernel needs unit column strides (vector loads); rows may be strided. A copy only for transposed inputs.
-    if student.stride(1) != 1:
-        student = student.contiguous()
-    if teacher is not None and teacher.stride(1) != 1:
-        teacher = teacher.contiguous()
-    device = student.device
-    kd_row = torch.empty(n, dtype=torch.float32, device=device)
-    ce_row = torch.empty(n, dtype=torch.float32, device=device)
-    grad = None
-    if compute_grad:
-        grad = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_out is None else grad_out
+    student = _kd_ce.unit_columns(student)
+    teacher = None if teacher is None else _kd_ce.unit_columns(teacher)
+    kd_row, ce_row, grad, y, m, kd_scale, ce_scale = _kd_ce.launch_buffers(
+        student, labels, kd_mask, kd_scale, ce_scale, compute_grad, grad_out
+    )
     if n == 0:
         return kd_row, ce_row, grad
-    block_n, block, num_warps = row_tiles(v, student.dtype)
+    block_n, block, num_warps = kd_ce_tiles(v, student.dtype)
     t, g = (student if x is None else x for x in (teacher, grad))  # the student stands in for absent tensors
-    y = student if labels is None else labels.contiguous()
-    m = student if kd_mask is None else kd_mask.contiguous().to(torch.bool).view(torch.uint8)
     _kd_ce_fwd_kernel[(triton.cdiv(n, block_n),)](
-        student, t, y, m,
-        _scale_tensor(kd_scale, device), _scale_tensor(ce_scale, device), kd_row, ce_row, g,
+        student, t, y, m, kd_scale, ce_scale, kd_row, ce_row, g,
         n, v,
         student.stride(0), t.stride(0), g.stride(0),
         1.0 / temperature, float(temperature), float(label_smoothing), int(ignore_index),
@@ -348,16 +306,9 @@ def kd_ce_rows(
     check.logits("student", student)
     check.optional_tensor("teacher", teacher, shape=student.shape, device=student.device)
     check.constant("teacher", teacher)
-    check.per_row("labels", labels, student, "int")
-    check.per_row("kd_mask", kd_mask, student, "bool")
-    temperature = check.temperature(temperature)
-    kd_scale, ce_scale = check.weight("kd_scale", kd_scale), check.weight("ce_scale", ce_scale)
-    label_smoothing = check.real("label_smoothing", label_smoothing, 0.0, 1.0)
-    ignore_index = check.integer("ignore_index", ignore_index)
-    if grad_out is not None:
-        check.tensor("grad_out", grad_out, shape=student.shape, device=student.device)
-        if grad_out.dtype != student.dtype or grad_out.stride(1) != 1:
-            raise ValueError(f"grad_out must have the student's dtype {student.dtype} and a unit column stride")
+    temperature, kd_scale, ce_scale, label_smoothing, ignore_index = _kd_ce.check_row_args(
+        student, labels, kd_mask, temperature, kd_scale, ce_scale, label_smoothing, ignore_index, grad_out
+    )
     if use_triton(student, teacher, labels, kd_mask):
         return kd_ce_fwd(student, teacher, labels, kd_mask, temperature, kd_scale, ce_scale, label_smoothing,
                          ignore_index, compute_grad, grad_out)  # fmt: skip
@@ -369,67 +320,33 @@ def kd_ce_rows(
     return kd_row, ce_row, grad
 
 
-def flat_rows(logits: torch.Tensor, rows: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(..., V) → (N, V) and (...) → (N,); a view unless reshape must copy."""
-    return logits.reshape(-1, logits.shape[-1]), None if rows is None else rows.reshape(-1)
-
-
-def row_count(selected: torch.Tensor | None, n: int) -> torch.Tensor | float:
-    """Number of rows a mean divides by, at least 1 (an empty selection averages to 0); a device tensor, no sync."""
-    return float(max(n, 1)) if selected is None else selected.sum().clamp_min(1).to(torch.float32)
-
-
-def abs_scale(x: float | torch.Tensor) -> float | torch.Tensor:
-    """|x| for a loss weight given as a number or a () device tensor (which stays on the device)."""
-    return x.abs() if isinstance(x, torch.Tensor) else abs(x)
-
-
 class KDCELossFunction(torch.autograd.Function):
     """kd_weight·KD + ce_weight·CE over rows; the student gradient is made in forward and scaled in backward."""
 
     @staticmethod
     def forward(ctx, student, teacher, labels, kd_mask, temperature, kd_weight, ce_weight, ignore_index):
-        n_kd = row_count(kd_mask, student.shape[0]) if teacher is not None else 1.0
-        n_ce = row_count(labels != ignore_index, 0) if labels is not None else 1.0
-        kd_scale = kd_weight / n_kd if teacher is not None else 0.0
-        ce_scale = ce_weight / n_ce if labels is not None else 0.0
         # fp16: the stored gradient is K·grad, K a power of two that keeps it in range under a loss scale.
-        k = grad_scale_for(student.dtype, abs_scale(kd_scale) * temperature + abs_scale(ce_scale))
+        n_kd, n_ce, kd_scale, ce_scale, k = _kd_ce.loss_scales(
+            student, labels, kd_mask, teacher is not None, temperature, kd_weight, ce_weight, ignore_index
+        )
         kd_row, ce_row, grad = kd_ce_rows(
             student, teacher, labels, kd_mask, temperature, kd_scale * k, ce_scale * k,
             ignore_index=ignore_index, compute_grad=ctx.needs_input_grad[0],
         )  # fmt: skip
-        kd, ce = kd_row.sum() / n_kd, ce_row.sum() / n_ce
-        ctx.save_for_backward(grad)
-        ctx.grad_scale = k
-        ctx.mark_non_differentiable(kd, ce)  # the stored gradient is that of `loss` only
-        return kd_weight * kd + ce_weight * ce, kd, ce
+        return _kd_ce.weighted_means(ctx, kd_row, ce_row, grad, n_kd, n_ce, k, kd_weight, ce_weight)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_kd, grad_ce):
-        (grad,) = ctx.saved_tensors
-        # In place, so no second (N, V) buffer (and no pass at all when grad_loss is 1 and K is 1).
-        return scale_grad_(grad, grad_loss, ctx.grad_scale), None, None, None, None, None, None, None
-
-
-class DistillLossOutput(NamedTuple):
-    """() fp32 tensors: `loss` = kd_weight·kd + ce_weight·ce carries the gradient; `kd` and `ce` are for logging."""
-
-    loss: torch.Tensor
-    kd: torch.Tensor
-    ce: torch.Tensor
+        return _kd_ce.stored_grad_backward(ctx, grad_loss, 8)
 
 
 def check_logits_rows(student_logits, teacher_logits, labels, kd_mask, temperature, ignore_index):
-    """The contract shared by `distill_loss` and `kd_loss` (argument names as theirs); returns T as a float."""
+    """The contract shared by `distill_loss` and `kd_loss` (argument names as theirs); returns (T, ignore_index)."""
     check.logits("student_logits", student_logits)
     check.like("teacher_logits", teacher_logits, student_logits)
     check.constant("teacher_logits", teacher_logits)
-    check.per_row("labels", labels, student_logits, "int")
-    check.per_row("kd_mask", kd_mask, student_logits, "bool")
-    check.integer("ignore_index", ignore_index)
-    return check.temperature(temperature)
+    return _kd_ce.check_label_rows(student_logits, labels, kd_mask, temperature, ignore_index)
 
 
 def distill_loss(
@@ -461,7 +378,8 @@ def distill_loss(
     Raises:
         ValueError naming the argument, for inputs outside this contract (checked on the host, no device sync).
     """
-    temperature = check_logits_rows(student_logits, teacher_logits, labels, kd_mask, temperature, ignore_index)
+    temperature, ignore_index = check_logits_rows(student_logits, teacher_logits, labels, kd_mask, temperature,
+                                                  ignore_index)  # fmt: skip
     kd_weight, ce_weight = check.weight("kd_weight", kd_weight), check.weight("ce_weight", ce_weight)
     s, labels = flat_rows(student_logits, labels)
     t, kd_mask = flat_rows(teacher_logits, kd_mask)
@@ -474,14 +392,9 @@ def distill_loss(
     return DistillLossOutput(*out)
 
 
-class DistillLoss(torch.nn.Module):
-    """Module form of `distill_loss` (KD + CE in one pass)."""
-
-    def __init__(self, temperature: float = 2.0, kd_weight: float = 1.0, ce_weight: float = 1.0, ignore_index=-100):
-        super().__init__()
-        self.temperature = check.temperature(temperature)
-        self.kd_weight, self.ce_weight = check.weight("kd_weight", kd_weight), check.weight("ce_weight", ce_weight)
-        self.ignore_index = check.integer("ignore_index", ignore_index)
+class DistillLoss(WeightedLossModule):
+    """Module form of `distill_loss` (KD + CE in one pass): DistillLoss(temperature=2.0, kd_weight=1.0,
+    ce_weight=1.0, ignore_index=-100)."""
 
     def forward(self, student_logits, teacher_logits, labels=None, kd_mask=None) -> DistillLossOutput:
         return distill_loss(student_logits, teacher_logits, labels, kd_mask, self.temperature, self.kd_weight,

@@ -42,7 +42,8 @@ import torch
 
 from kernels import _contract as check
 from kernels._grad import grad_scale_for
-from kernels.distill import DistillLossOutput, abs_scale, kd_ce_rows
+from kernels._kd_ce import DistillLossOutput, abs_scale
+from kernels.distill import kd_ce_rows
 
 # `torch.mm(a, b, out_dtype=torch.float32)` for fp16 operands exists on CUDA in recent PyTorch builds; the op
 # registry says whether this build has it (a property of the build, not of any device).

@@ -8,7 +8,8 @@ derivation, gradient (∂/∂s = T (p_s − p_t) / #rows) and numerics are those
 import torch
 
 from kernels import _contract as check
-from kernels.distill import KDCELossFunction, check_logits_rows, flat_rows
+from kernels._kd_ce import flat_rows
+from kernels.distill import KDCELossFunction, check_logits_rows
 
 
 def kd_loss(
@@ -19,7 +20,7 @@ def kd_loss(
 
     Args, dtypes and errors as `distill_loss`. Returns a () fp32 tensor, 0 when no row is selected.
     """
-    temperature = check_logits_rows(student_logits, teacher_logits, None, kd_mask, temperature, -100)
+    temperature, _ = check_logits_rows(student_logits, teacher_logits, None, kd_mask, temperature, -100)
     s, kd_mask = flat_rows(student_logits, kd_mask)
     t, _ = flat_rows(teacher_logits, None)
     # loss = 1·kd + 0·ce with no labels: exactly kd.

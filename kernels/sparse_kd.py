@@ -80,17 +80,20 @@ import triton.language as tl
 from torch.autograd.function import once_differentiable
 
 from kernels import _contract as check
+from kernels import _kd_ce
 from kernels._dispatch import use_triton
-from kernels._grad import grad_scale_for, scale_grad_
-from kernels._tiles import round_to, row_tiles
-from kernels.distill import DistillLossOutput, abs_scale, flat_rows, row_count
+from kernels._kd_ce import (
+    DistillLossOutput,
+    WeightedLossModule,
+    ce_grad,
+    ce_row,
+    flat_rows,
+    row_setup,
+    shift,
+    store_rows,
+)
+from kernels._tiles import kd_ce_tiles, round_to
 from kernels.reference_sparse import sparse_kd_ce_rows_reference
-
-
-@triton.jit
-def _max_shift(m):
-    """The row maximum as a shift: 0 while a row has seen only −inf (−inf − (−inf) would be NaN)."""
-    return tl.where(m == float("-inf"), 0.0, m)
 
 
 @triton.jit
@@ -108,15 +111,6 @@ def _load_kept(
         z = tl.load(s_ptr + rows[:, None] * stride_s + idx, mask=k_ok & in_v, other=float("-inf"))
     t = tl.load(tv_ptr + rows[:, None] * stride_tv + kc[None, :], mask=k_ok, other=float("-inf"))
     return idx, in_v, z.to(tl.float32), t.to(tl.float32)
-
-
-@triton.jit
-def _ce_grad(x, cols, y, ce_on, in_range, ce_coef, log_d1, smoothing, V):
-    """ce_coef·(softmax(z) − (1−ε)·onehot(y) − ε/V) in fp32 (the true-class term (q − 1) formed before rounding)."""
-    onehot = tl.where(cols == y[:, None], 1.0 - smoothing, 0.0)
-    g = tl.exp(x - log_d1[:, None]) - smoothing / V - onehot
-    g = tl.where(in_range[:, None], g, float("nan"))  # a label outside [0, V) poisons its row
-    return tl.where(ce_on[:, None], ce_coef * g, 0.0)
 
 
 @triton.jit
@@ -156,26 +150,11 @@ def _sparse_kd_ce_fwd_kernel(
     BLOCK: tl.constexpr,
     BLOCK_K: tl.constexpr,
 ):
-    # 64-bit rows (row·stride passes 2^31 elements); rows past N re-read row N−1 and are never stored.
-    out_rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
-    row_ok = out_rows < N
-    rows = tl.minimum(out_rows, N - 1)
+    out_rows, row_ok, rows, kd_on, ce_on, in_range, y, s_y = row_setup(
+        s_ptr, y_ptr, kd_mask_ptr, N, V, stride_s, ignore_index, HAS_LABELS, HAS_KD_MASK, BLOCK_N
+    )
     cols = tl.arange(0, BLOCK)
     kcols = tl.arange(0, BLOCK_K)
-
-    kd_on = row_ok
-    if HAS_KD_MASK:
-        kd_on = tl.load(kd_mask_ptr + rows) != 0
-    ce_on = row_ok
-    in_range = row_ok
-    y = tl.zeros([BLOCK_N], dtype=tl.int32)
-    s_y = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if HAS_LABELS:
-        y_raw = tl.load(y_ptr + rows).to(tl.int64)  # 64-bit compare: no label wraps into range
-        ce_on = y_raw != ignore_index
-        in_range = (y_raw >= 0) & (y_raw < V)
-        y = tl.where(in_range, y_raw, 0).to(tl.int32)
-        s_y = tl.load(s_ptr + rows * stride_s + y, mask=ce_on & in_range, other=0.0).to(tl.float32)
 
     # Walk 0 (with a tail): start the running maximum at the kept entries' maximum M_K. Then walk 1 never rescales
     # unless a tail entry exceeds M_K, so its terms exp((z − M)/T) at the kept ids are bit for bit walk 2's, and the
@@ -198,7 +177,7 @@ def _sparse_kd_ce_fwd_kernel(
         z = tl.load(s_ptr + rows[:, None] * stride_s + (start + cols)[None, :], mask=mask, other=float("-inf"))
         z = z.to(tl.float32)
         m_new = tl.maximum(m_s, tl.max(z, axis=1))
-        sh = _max_shift(m_new)
+        sh = shift(m_new)
         x = z - sh[:, None]
         d_s = d_s * tl.exp((m_s - sh) * inv_t).to(tl.float64) + tl.sum(tl.exp(x * inv_t).to(tl.float64), axis=1)
         if HAS_LABELS:
@@ -207,7 +186,7 @@ def _sparse_kd_ce_fwd_kernel(
             if HAS_SMOOTHING:
                 s_sum += tl.sum(tl.where(mask, z - s_y[:, None], 0.0), axis=1)
         m_s = m_new
-    sh = _max_shift(m_s)
+    sh = shift(m_s)
     log_ds = tl.log(d_s.to(tl.float32))
     log_d1 = log_ds
     if HAS_LABELS and not ONE_TEMP:
@@ -249,15 +228,8 @@ def _sparse_kd_ce_fwd_kernel(
     kl = tl.where(bad, float("nan"), kl)
     poison = kd_on & (kl != kl)  # a NaN KD row has a NaN gradient row, however the NaN came in
     kd = tl.where(kd_on, kl * (temperature * temperature), 0.0)  # where, not a 0 factor: ignored rows may hold NaN
-    ce = tl.zeros([BLOCK_N], dtype=tl.float32)
-    if HAS_LABELS:
-        ce = (sh - s_y) + log_d1
-        if HAS_SMOOTHING:
-            ce -= smoothing * (s_sum / V)
-        ce = tl.where(in_range, ce, float("nan"))
-        ce = tl.where(ce_on, ce, 0.0)
-    tl.store(kd_row_ptr + out_rows, kd, mask=row_ok)
-    tl.store(ce_row_ptr + out_rows, ce, mask=row_ok)
+    ce = ce_row(sh, s_y, log_d1, s_sum, smoothing, V, ce_on, in_range, HAS_LABELS, HAS_SMOOTHING)
+    store_rows(kd_row_ptr, ce_row_ptr, out_rows, row_ok, kd, ce)
 
     if COMPUTE_GRAD:
         kd_coef = tl.load(kd_scale_ptr) * temperature
@@ -273,7 +245,7 @@ def _sparse_kd_ce_fwd_kernel(
             share = tl.minimum(tl.exp(x * inv_t - log_dtail[:, None]), 1.0)
             g = tl.where(kd_on[:, None], kd_coef * (q_all[:, None] * p - q_tail[:, None] * share), 0.0)
             if HAS_LABELS:
-                g += _ce_grad(x, c[None, :], y, ce_on, in_range, ce_coef, log_d1, smoothing, V)
+                g += ce_grad(x, c[None, :], y, ce_on, in_range, ce_coef, log_d1, smoothing, V)
             g = tl.where(poison[:, None], float("nan"), g)
             tl.store(g_ptr + out_rows[:, None] * stride_g + c[None, :], round_to(g, g_ptr.dtype.element_ty),
                      mask=row_ok[:, None] & mask)  # fmt: skip
@@ -289,20 +261,9 @@ def _sparse_kd_ce_fwd_kernel(
             q = tl.exp(t * inv_t - lse_t[:, None])
             g = tl.where(kd_on[:, None], kd_coef * (q_all[:, None] * tl.exp(x * inv_t - log_ds[:, None]) - q), 0.0)
             if HAS_LABELS:
-                g += _ce_grad(x, idx, y, ce_on, in_range, ce_coef, log_d1, smoothing, V)
+                g += ce_grad(x, idx, y, ce_on, in_range, ce_coef, log_d1, smoothing, V)
             tl.store(g_ptr + out_rows[:, None] * stride_g + idx, round_to(g, g_ptr.dtype.element_ty),
                      mask=k_ok & in_v & ~poison[:, None])  # fmt: skip
-
-
-def _scale_tensor(x: float | torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A () fp32 device tensor for a loss weight; a tensor stays where it is (no host round trip)."""
-    if isinstance(x, torch.Tensor):
-        return x.detach().to(device=device, dtype=torch.float32).reshape(())
-    return torch.full((), float(x), dtype=torch.float32, device=device)
-
-
-def _unit_columns(x: torch.Tensor) -> torch.Tensor:
-    return x if x.stride(-1) == 1 else x.contiguous()
 
 
 def sparse_kd_ce_fwd(student, topk_logits, topk_indices, teacher_lse, labels, kd_mask, temperature, kd_scale,
@@ -310,27 +271,21 @@ def sparse_kd_ce_fwd(student, topk_logits, topk_indices, teacher_lse, labels, kd
     """Launch `_sparse_kd_ce_fwd_kernel`; arguments and returns as `sparse_kd_ce_rows` (inputs already validated)."""
     n, v = student.shape
     k = topk_logits.shape[1]
-    student, topk_logits, topk_indices = (_unit_columns(x) for x in (student, topk_logits, topk_indices))
-    device = student.device
-    kd_row = torch.empty(n, dtype=torch.float32, device=device)
-    ce_row = torch.empty(n, dtype=torch.float32, device=device)
-    grad = None
-    if compute_grad:
-        grad = torch.empty_like(student, memory_format=torch.contiguous_format) if grad_out is None else grad_out
+    student, topk_logits, topk_indices = (_kd_ce.unit_columns(x) for x in (student, topk_logits, topk_indices))
+    kd_row, ce_row, grad, y, m, kd_scale, ce_scale = _kd_ce.launch_buffers(
+        student, labels, kd_mask, kd_scale, ce_scale, compute_grad, grad_out
+    )
     if n == 0:
         return kd_row, ce_row, grad
-    block_n, block, num_warps = row_tiles(v, student.dtype)
+    block_n, block, num_warps = kd_ce_tiles(v, student.dtype)
     block_k = min(triton.next_power_of_2(k), block)  # K ≤ V: a (BLOCK_N, BLOCK_K) block is at most a row tile
     # In place, walk 3a overwrites the row before walk 3b reads the kept logits: gather them first. A bad id is
     # clamped for the gather only; the kernel still sees it and poisons the row.
     gathered = grad is not None and grad.data_ptr() == student.data_ptr()
     sk = student.gather(1, topk_indices.long().clamp(0, v - 1)) if gathered else student
     g = student if grad is None else grad
-    y = student if labels is None else labels.contiguous()
-    m = student if kd_mask is None else kd_mask.contiguous().to(torch.bool).view(torch.uint8)
     _sparse_kd_ce_fwd_kernel[(triton.cdiv(n, block_n),)](
-        student, topk_logits, topk_indices, teacher_lse.contiguous(), sk, y, m,
-        _scale_tensor(kd_scale, device), _scale_tensor(ce_scale, device), kd_row, ce_row, g,
+        student, topk_logits, topk_indices, teacher_lse.contiguous(), sk, y, m, kd_scale, ce_scale, kd_row, ce_row, g,
         n, v, k,
         student.stride(0), topk_logits.stride(0), topk_indices.stride(0), sk.stride(0), g.stride(0),
         1.0 / temperature, float(temperature), float(label_smoothing), int(ignore_index),
@@ -341,23 +296,6 @@ def sparse_kd_ce_fwd(student, topk_logits, topk_indices, teacher_lse, labels, kd
     if grad_out is not None:
         torch.autograd.graph.increment_version(grad_out)  # written behind autograd's back
     return kd_row, ce_row, grad
-
-
-def _check_targets(student, topk_logits, topk_indices, teacher_lse, names=("topk_logits", "topk_indices",
-                   "teacher_lse")) -> None:  # fmt: skip
-    """The teacher side of the contract: (..., K) logits and ids with 1 ≤ K ≤ V beside (..., V) student logits, and
-    (...) log-sum-exps; all on the student's device, none requiring grad."""
-    lead, v = tuple(student.shape[:-1]), student.shape[-1]
-    check.tensor(names[0], topk_logits, "float", device=student.device)
-    k = topk_logits.shape[-1] if topk_logits.dim() else 0
-    if tuple(topk_logits.shape[:-1]) != lead or not 1 <= k <= v:
-        raise ValueError(
-            f"{names[0]} must be of shape {(*lead, 'K')} with 1 ≤ K ≤ V = {v}, got {tuple(topk_logits.shape)}"
-        )
-    check.tensor(names[1], topk_indices, "int", shape=topk_logits.shape, device=student.device)
-    check.tensor(names[2], teacher_lse, "float", shape=lead, device=student.device)
-    check.constant(names[0], topk_logits)
-    check.constant(names[2], teacher_lse)
 
 
 def sparse_kd_ce_rows(
@@ -395,17 +333,10 @@ def sparse_kd_ce_rows(
     """
     check.tensor("student", student, "float", ndim=2)
     check.logits("student", student)
-    _check_targets(student, topk_logits, topk_indices, teacher_lse)
-    check.per_row("labels", labels, student, "int")
-    check.per_row("kd_mask", kd_mask, student, "bool")
-    temperature = check.temperature(temperature)
-    kd_scale, ce_scale = check.weight("kd_scale", kd_scale), check.weight("ce_scale", ce_scale)
-    label_smoothing = check.real("label_smoothing", label_smoothing, 0.0, 1.0)
-    ignore_index = check.integer("ignore_index", ignore_index)
-    if grad_out is not None:
-        check.tensor("grad_out", grad_out, shape=student.shape, device=student.device)
-        if grad_out.dtype != student.dtype or grad_out.stride(1) != 1:
-            raise ValueError(f"grad_out must have the student's dtype {student.dtype} and a unit column stride")
+    check.topk_targets(student, topk_logits, topk_indices, teacher_lse)
+    temperature, kd_scale, ce_scale, label_smoothing, ignore_index = _kd_ce.check_row_args(
+        student, labels, kd_mask, temperature, kd_scale, ce_scale, label_smoothing, ignore_index, grad_out
+    )
     if use_triton(student, topk_logits, topk_indices, teacher_lse, labels, kd_mask):
         return sparse_kd_ce_fwd(student, topk_logits, topk_indices, teacher_lse, labels, kd_mask, temperature,
                                 kd_scale, ce_scale, label_smoothing, ignore_index, compute_grad, grad_out)  # fmt: skip
@@ -426,28 +357,21 @@ class SparseKDCELossFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, student, topk_logits, topk_indices, teacher_lse, labels, kd_mask, temperature, kd_weight,
                 ce_weight, ignore_index):  # fmt: skip
-        n_kd = row_count(kd_mask, student.shape[0])
-        n_ce = row_count(labels != ignore_index, 0) if labels is not None else 1.0
-        kd_scale = kd_weight / n_kd
-        ce_scale = ce_weight / n_ce if labels is not None else 0.0
         # |∂kd_row/∂z| ≤ T as for the dense loss: |p − q| ≤ 1, and p(1 − r) = p − q_tail·(p/s_tail) is a difference
         # of two numbers in [0, 1] (p ≤ s_tail), which the kernel keeps so. The fp16 factor K follows from that bound.
-        k = grad_scale_for(student.dtype, abs_scale(kd_scale) * temperature + abs_scale(ce_scale))
+        n_kd, n_ce, kd_scale, ce_scale, k = _kd_ce.loss_scales(
+            student, labels, kd_mask, True, temperature, kd_weight, ce_weight, ignore_index
+        )
         kd_row, ce_row, grad = sparse_kd_ce_rows(
             student, topk_logits, topk_indices, teacher_lse, labels, kd_mask, temperature, kd_scale * k,
             ce_scale * k, ignore_index=ignore_index, compute_grad=ctx.needs_input_grad[0],
         )  # fmt: skip
-        kd, ce = kd_row.sum() / n_kd, ce_row.sum() / n_ce
-        ctx.save_for_backward(grad)
-        ctx.grad_scale = k
-        ctx.mark_non_differentiable(kd, ce)
-        return kd_weight * kd + ce_weight * ce, kd, ce
+        return _kd_ce.weighted_means(ctx, kd_row, ce_row, grad, n_kd, n_ce, k, kd_weight, ce_weight)
 
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_loss, grad_kd, grad_ce):
-        (grad,) = ctx.saved_tensors
-        return (scale_grad_(grad, grad_loss, ctx.grad_scale),) + (None,) * 9
+        return _kd_ce.stored_grad_backward(ctx, grad_loss, 10)
 
 
 def sparse_distill_loss(
@@ -480,11 +404,8 @@ def sparse_distill_loss(
         ValueError naming the argument, for inputs outside this contract (host checks only, no device sync).
     """
     check.logits("student_logits", student_logits)
-    _check_targets(student_logits, topk_logits, topk_indices, teacher_lse)
-    check.per_row("labels", labels, student_logits, "int")
-    check.per_row("kd_mask", kd_mask, student_logits, "bool")
-    ignore_index = check.integer("ignore_index", ignore_index)
-    temperature = check.temperature(temperature)
+    check.topk_targets(student_logits, topk_logits, topk_indices, teacher_lse)
+    temperature, ignore_index = _kd_ce.check_label_rows(student_logits, labels, kd_mask, temperature, ignore_index)
     kd_weight, ce_weight = check.weight("kd_weight", kd_weight), check.weight("ce_weight", ce_weight)
     s, labels = flat_rows(student_logits, labels)
     tv, kd_mask = flat_rows(topk_logits, kd_mask)
@@ -526,14 +447,9 @@ def sparse_targets(teacher_logits: torch.Tensor, k: int, temperature: float) -> 
     return SparseTargets(values, ids.to(torch.int32), lse)
 
 
-class SparseDistillLoss(torch.nn.Module):
-    """Module form of `sparse_distill_loss`."""
-
-    def __init__(self, temperature: float = 2.0, kd_weight: float = 1.0, ce_weight: float = 1.0, ignore_index=-100):
-        super().__init__()
-        self.temperature = check.temperature(temperature)
-        self.kd_weight, self.ce_weight = check.weight("kd_weight", kd_weight), check.weight("ce_weight", ce_weight)
-        self.ignore_index = check.integer("ignore_index", ignore_index)
+class SparseDistillLoss(WeightedLossModule):
+    """Module form of `sparse_distill_loss`: SparseDistillLoss(temperature=2.0, kd_weight=1.0, ce_weight=1.0,
+    ignore_index=-100)."""
 
     def forward(self, student_logits, topk_logits, topk_indices, teacher_lse, labels=None,
                 kd_mask=None) -> DistillLossOutput:  # fmt: skip
