@@ -1,4 +1,4 @@
-"""Teacher caches (engine/teacher_cache.py): training from the cache equals training with the live teacher (fp32,
+"""Teacher caches (engine/teacher_cache*.py): training from the cache equals training with the live teacher (fp32,
 1e-5) where K covers the support (classification, QA positions, a tiny MLM vocabulary); refusals; resumption; the
 `distill cache-teacher` command and `--teacher-cache` in `distill task` and `distill pretrain`."""
 
@@ -15,6 +15,7 @@ from engine import cli
 from engine import finetune as ft
 from engine import options as op
 from engine import teacher_cache as tc
+from engine import teacher_cache_write as tcw
 from engine.config import ModelConfig
 from engine.corpus import Sequences
 from engine.model import build_model
@@ -263,14 +264,14 @@ def test_pretraining_from_cache_equals_live_teacher_with_the_same_masks(tmp_path
     save_model(teacher, teacher_dir)
     tc._copy_teacher_files(teacher_dir, cache)
     masking = MaskingOptions(mlm_probability=0.3)
-    orig = tc.tokenizer_fingerprint
-    tc.tokenizer_fingerprint = lambda t: "tiny"
+    orig = tcw.tokenizer_fingerprint  # patched where the writer looks it up
+    tcw.tokenizer_fingerprint = lambda t: "tiny"
     try:
         m = tc.write_mlm_cache(cache, teacher, teacher_dir, corpus, masking, k=40, temperature=2.0, copies=2,
                                kd_masked=kd_masked, hidden=True, batch_size=8, shard_units=16, seed=0,
                                device=torch.device("cpu"), precision="fp32", progress=False)  # fmt: skip
     finally:
-        tc.tokenizer_fingerprint = orig
+        tcw.tokenizer_fingerprint = orig
     assert m["dense"] and m["mask_copies"] == 2 and m["shards"] == 4
     reader = tc.MLMTeacherCache(cache)
     reader.seqs = seqs
