@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from kernels import cross_entropy, distill_loss, kd_ce_rows, kd_loss
 from kernels.reference import kd_ce_rows_reference
 from tests.kernels.common import NoHostSync, make_rows
-from tests.kernels.tolerances import DTYPES, TOL, assert_accuracy_rule, max_err
+from tests.kernels.tolerances import DTYPES, TOL, assert_accuracy_rule, assert_grad_close, max_err
 
 # (N, V, T, ε): V = 1, below and above one block, not multiples of it; N = 4097 only with a tiny V.
 SHAPES = [
@@ -74,7 +74,7 @@ def test_distill_loss_is_distilbert_loss(impl, temperature):
     torch.testing.assert_close(out.kd, kd.detach(), **TOL[torch.float32])
     torch.testing.assert_close(out.ce, ce.detach(), **TOL[torch.float32])
     torch.testing.assert_close(out.loss, (5.0 * kd + 2.0 * ce).detach(), **TOL[torch.float32])
-    torch.testing.assert_close(s1.grad, s2.grad, atol=1e-7, rtol=1e-5)
+    assert_grad_close(s1.grad, s2.grad)
     assert not out.kd.requires_grad and not out.ce.requires_grad  # only `loss` carries the stored gradient
 
 
@@ -120,7 +120,7 @@ def test_logits_are_not_rounded_before_the_fp32_cast(impl):
         torch.testing.assert_close(kd.double(), kd_t, atol=2e-5, rtol=1e-6)
         torch.testing.assert_close(ce.double(), ce_t, atol=2e-5, rtol=1e-6)
         if student.dtype == torch.float32:
-            torch.testing.assert_close(grad.double(), grad_t, atol=1e-7, rtol=1e-5)
+            assert_grad_close(grad, grad_t)
 
 
 @pytest.mark.parametrize("v", [300, 5000], ids=["one-tile", "two-tiles"])

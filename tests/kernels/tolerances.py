@@ -37,3 +37,12 @@ def assert_accuracy_rule(
     assert e_ours <= bound, (
         f"{what}: error {e_ours:.3e} > torch {e_theirs:.3e} + slack ({dtype}, max|truth| {scale:.3e})"
     )
+
+
+def assert_grad_close(ours: torch.Tensor, truth: torch.Tensor, ulps: int = 32):
+    """Gradients of two fp32 evaluations of the same formula: within `ulps` fp32 ulp of the largest |truth| entry
+    (plus rtol 1e-5). Entries such as p_s − p_t cancel, so a small entry's error is set by the large ones, and a fixed
+    atol flakes on fresh seeds (worst over 300 seeds of the sparse-vs-dense test: 1.2e-6 of the largest entry)."""
+    scale = truth.double().abs().max().item() if truth.numel() else 0.0
+    atol = ulps * torch.finfo(torch.float32).eps * scale
+    torch.testing.assert_close(ours.double(), truth.double(), atol=atol, rtol=1e-5)
