@@ -429,12 +429,16 @@ def load_state_into(model: torch.nn.Module, path: str | Path) -> LoadReport:
 # ---- saving --------------------------------------------------------------------------------------------------------
 
 
-def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The model's weights under Hugging Face names, as `transformers` saves them (a tied decoder left out)."""
+def to_hf_state(model: torch.nn.Module, state: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The model's weights under Hugging Face names, as `transformers` saves them (a tied decoder left out).
+
+    `state`: the weights under our names, when the model's own are not whole (an FSDP2-sharded model's, gathered by
+    `engine.distributed.DataParallel.full_state`); None: the model's.
+    """
     core = getattr(model, "_orig_mod", model)
     head, config = head_of(core), core.config
     out = {}
-    for name, tensor in _our_state_names(core).items():
+    for name, tensor in (_our_state_names(core) if state is None else state).items():
         if name == "lm_head.decoder.weight" and config.tie_word_embeddings:
             continue
         for i, key in enumerate(ours_to_hf(name, config.arch, prefixed=head is not None)):
@@ -442,23 +446,28 @@ def to_hf_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def save_model(model: torch.nn.Module, out_dir: str | Path, tokenizer_dir: str | Path | None = None) -> Path:
+def save_model(
+    model: torch.nn.Module,
+    out_dir: str | Path,
+    tokenizer_dir: str | Path | None = None,
+    state: dict[str, torch.Tensor] | None = None,
+) -> Path:
     """Write `model` as a Hugging Face checkpoint directory, atomically.
 
     `out_dir` gets config.json (model_type and `architectures` for the model's head, e.g. DistilBertForMaskedLM),
     model.safetensors (the parameters in their current dtype) and, from `tokenizer_dir`, the tokenizer files
     present there (vocab.txt, tokenizer.json, tokenizer_config.json, special_tokens_map.json, added_tokens.json).
     `transformers.AutoModelFor…from_pretrained(out_dir)` loads it with no missing keys. An existing `out_dir` is
-    replaced.
+    replaced. `state` (our names → whole tensors) stands in for the model's weights, as in `to_hf_state`.
 
     Returns:
         out_dir as a Path.
     """
     core = getattr(model, "_orig_mod", model)
     head, config = head_of(core), core.config
-    tensors = {k: v.to("cpu").contiguous() for k, v in to_hf_state(core).items()}
+    tensors = {k: v.to("cpu").contiguous() for k, v in to_hf_state(core, state).items()}
     hf_config = config.to_hf_dict(head)
-    dtype = _our_state_names(core)["encoder.embeddings.word_embeddings.weight"].dtype
+    dtype = (_our_state_names(core) if state is None else state)["encoder.embeddings.word_embeddings.weight"].dtype
     hf_config["dtype"] = str(dtype).removeprefix("torch.")
     out_dir = Path(out_dir)
     with atomic_directory(out_dir) as tmp:
