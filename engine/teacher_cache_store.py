@@ -359,6 +359,17 @@ class MLMTeacherCache:
             )
         self.seqs = seqs
 
+    def masked_counts(self, seq_ids: list[int], copy: int) -> list[int]:
+        """The number of masked (chosen) positions of each sequence in copy `copy`: one byte per token read, none of
+        the teacher's rows (a rank's share of a global batch's masked rows, `engine.teacher_cache_train`)."""
+        out = []
+        for i in seq_ids:
+            a = self._shards[copy * self.per_copy + i // self.unit]
+            u = i % self.unit
+            t0, t1 = int(a["token_offsets"][u]), int(a["token_offsets"][u + 1])
+            out.append(int(np.count_nonzero(a["chosen"][t0:t1])))
+        return out
+
     def batch(self, seq_ids: list[int], copy: int, pad_id: int, multiple_of: int = 8) -> "CachedBatch":
         from engine.batching import pad_to_multiple
 
