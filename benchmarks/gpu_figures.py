@@ -231,15 +231,21 @@ def _providers(run, res: dict, est: dict, setup: Callable, figures: Callable) ->
             entry["status"] = "measured"
         except pytest.skip.Exception as e:
             entry["status"] = _skip_reason(e)
-        except torch.cuda.OutOfMemoryError as e:
-            entry["status"] = f"skipped: out of memory ({str(e)[:200]})"
         except Exception as e:
-            entry["status"] = "error"
-            entry["message"] = f"{type(e).__name__}: {e}"[:1000]
+            record_failure(entry, e)
         finally:
             del case
             free_quietly()
         run.write()
+
+
+def record_failure(entry: dict, e: Exception) -> None:
+    """A measurement that did not finish: out of memory is a skip, anything else an error with its message."""
+    if isinstance(e, torch.cuda.OutOfMemoryError):
+        entry["status"] = f"skipped: out of memory ({str(e)[:200]})"
+    else:
+        entry["status"] = "error"
+        entry["message"] = f"{type(e).__name__}: {e}"[:1000]
 
 
 def headline_distill(run) -> dict:
@@ -358,11 +364,8 @@ def headline_e2e(run) -> dict:
                 entry["peak_MB"] = (peak - held_before) / 2**20
                 entry["step_MB"] = (peak - held_between) / 2**20
             entry["status"] = "measured"
-        except torch.cuda.OutOfMemoryError as e:
-            entry["status"] = f"skipped: out of memory ({str(e)[:200]})"
         except Exception as e:
-            entry["status"] = "error"
-            entry["message"] = f"{type(e).__name__}: {e}"[:1000]
+            record_failure(entry, e)
         finally:
             del contender
             free_quietly()
