@@ -11,7 +11,8 @@ Everything a command needs from `torch.distributed` goes through here (torchtita
     world_size, rank, is_main, shard       who am I
     barrier, all_reduce_sum, agree_to_stop, gather_objects   the collectives the engine uses
     run_on_main, main_first                file work done once: rank 0 writes, the others wait (errors reach all)
-    DataParallel                           the student under DDP (or FSDP2), with `no_sync` for accumulation
+    DataParallel                           the student under DDP, or sharded with the teacher by FSDP2 (`--fsdp`),
+                                           with `no_sync` for accumulation and whole states for checkpoints
 
 How W ranks train exactly as 1 rank (DESIGN.md, "Many devices"):
   * data: every rank draws the same *global* batch (`--batch-size` is the global micro-batch) and keeps its rows
@@ -270,53 +271,180 @@ def seed_ranks(seed: int) -> None:
 
 class _Step(torch.nn.Module):
     """The student with the micro-batch loss as its forward, so that DDP (or FSDP2) sees the whole step: the loss
-    uses the student's parameters outside `student.forward` (the fused LM head takes the decoder weight itself)."""
+    uses the student's parameters outside `student.forward` (the fused LM head takes the decoder weight itself).
 
-    def __init__(self, student: torch.nn.Module, step_loss: Callable):
+    Under FSDP2 this module is the root: its forward all-gathers the student's embeddings and head (the root group),
+    which stay gathered until backward has used them (FSDP2 does not reshard a root after forward), so the fused head
+    reads a whole decoder weight. A sharded teacher is a submodule here (so that the root's lazy init knows its
+    groups); its embeddings and head are gathered explicitly around the step, as nothing calls the teacher's own
+    forward (the objective calls `teacher.encoder` and reads `teacher.lm_head` itself).
+    """
+
+    def __init__(self, student: torch.nn.Module, step_loss: Callable, teacher: torch.nn.Module | None = None):
         super().__init__()
         self.student = student
         self._step_loss = [step_loss]  # in a list: not a submodule (the frozen teacher it may close over stays out)
+        if teacher is not None:  # FSDP2 alone: a sharded teacher must sit under the root
+            self.teacher = teacher
 
-    def forward(self, batch):
-        return self._step_loss[0](batch)
+    def forward(self, batch, fn: Callable | None = None):
+        teacher = getattr(self, "teacher", None)
+        if teacher is not None:
+            teacher.unshard()  # its layers gather themselves in their own forwards
+        try:
+            return (fn or self._step_loss[0])(batch)
+        finally:
+            if teacher is not None:
+                teacher.reshard()  # nothing of the teacher is needed in backward (its outputs carry no grad)
+
+
+def _shard_layers(model: torch.nn.Module, mesh) -> None:
+    """One FSDP2 group per transformer layer of a BERT/DistilBERT model (all-gathered for its forward and again for
+    its backward, freed after each); the rest (embeddings, head) is left to the group of an enclosing module."""
+    from torch.distributed.fsdp import fully_shard
+
+    for layer in model.encoder.layers:
+        fully_shard(layer, mesh=mesh)
 
 
 class DataParallel:
-    """The micro-batch loss of a student replicated by DDP on every rank (world size > 1), or the plain loss (1).
+    """The micro-batch loss of a student replicated by DDP on every rank (world size > 1), sharded by FSDP2
+    (`fsdp`), or the plain loss (1 process, with or without `fsdp`: there is nothing to shard over).
 
     DDP buckets the gradients (25 MB) and all-reduces each bucket as soon as backward has filled it, overlapped with
     the rest of backward; `no_sync()` skips the all-reduce on all but the last micro-batch of an accumulation. The
     frozen teacher is not wrapped: each rank holds a replica and runs it under no_grad.
 
+    FSDP2 (`torch.distributed.fsdp.fully_shard`, where a model does not fit one device): every rank holds 1/W of
+    each parameter, gradient and optimizer moment (DTensors sharded on dim 0); each transformer layer is all-gathered
+    for its forward and again for its backward, and its gradient is reduce-scattered (averaged, as DDP's all-reduce,
+    hence the same `grad_sum_factor`); the student's embeddings and head form the root group (`_Step`). The frozen
+    `teacher` is sharded the same way, layer by layer plus one group for its embeddings and head, and never gets
+    gradients. `no_sync()` is FSDP2's `set_requires_gradient_sync(False)`: unsharded gradients accumulate and are
+    reduce-scattered in the last micro-batch's backward. Parameters are sharded in place: the student and teacher
+    the caller holds are the sharded ones, readable only through `gathered` (every rank at once) and
+    `full_state` until the run ends.
+
     Call: batch → (loss, terms), as the `step_loss` it wraps.
     """
 
-    def __init__(self, student: torch.nn.Module, step_loss: Callable, device: torch.device):
+    def __init__(
+        self,
+        student: torch.nn.Module,
+        step_loss: Callable,
+        device: torch.device,
+        fsdp: bool = False,
+        teacher: torch.nn.Module | None = None,
+    ):
         self.step_loss = step_loss
         self.ddp = None
-        if world_size() > 1 and any(p.requires_grad for p in student.parameters()):
-            from torch.nn.parallel import DistributedDataParallel
+        self.fsdp = None  # the FSDP2 root (`_Step`) when sharded
+        if fsdp and world_size() == 1:
+            print("--fsdp: one process, nothing to shard over; training unsharded (shard under torchrun, 2+ ranks)")
+        if world_size() == 1 or not any(p.requires_grad for p in student.parameters()):
+            return
+        if fsdp:
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.fsdp import fully_shard
 
-            ids = [device] if device.type == "cuda" else None
-            # The model's buffers are constants (position ids): nothing to broadcast before each forward. Gradients
-            # live in the all-reduce buckets themselves (no copy in and out, one gradient's memory less).
-            params = inspect.signature(DistributedDataParallel).parameters
-            flag = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"  # torch ≥ 2.13
-            no_buffer_sync = {flag: False}
-            self.ddp = DistributedDataParallel(
-                _Step(student, step_loss), device_ids=ids, gradient_as_bucket_view=True, **no_buffer_sync
-            )
+            mesh = init_device_mesh(device.type, (world_size(),))
+            if teacher is not None:
+                _shard_layers(teacher, mesh)
+                fully_shard(teacher, mesh=mesh)  # embeddings + head: one group, gathered by `_Step.forward`
+            _shard_layers(student, mesh)
+            self.fsdp = fully_shard(_Step(student, step_loss, teacher), mesh=mesh)
+            return
+        from torch.nn.parallel import DistributedDataParallel
+
+        ids = [device] if device.type == "cuda" else None
+        # The model's buffers are constants (position ids): nothing to broadcast before each forward. Gradients
+        # live in the all-reduce buckets themselves (no copy in and out, one gradient's memory less).
+        params = inspect.signature(DistributedDataParallel).parameters
+        flag = "forward_sync_buffers" if "forward_sync_buffers" in params else "broadcast_buffers"  # torch ≥ 2.13
+        no_buffer_sync = {flag: False}
+        self.ddp = DistributedDataParallel(
+            _Step(student, step_loss), device_ids=ids, gradient_as_bucket_view=True, **no_buffer_sync
+        )
 
     def __call__(self, batch):
+        if self.fsdp is not None:
+            return self.fsdp(batch)
         return self.ddp(batch) if self.ddp is not None else self.step_loss(batch)
 
-    def no_sync(self):
-        return self.ddp.no_sync() if self.ddp is not None else contextlib.nullcontext()
+    @property
+    def sharded(self) -> bool:
+        """FSDP2: the parameters are shards, so any use of the models is a collective that every rank joins."""
+        return self.fsdp is not None
+
+    @contextlib.contextmanager
+    def no_sync(self) -> Iterator[None]:
+        """Gradients of the micro-batches run inside accumulate on this rank, unreduced (not the last one)."""
+        if self.ddp is not None:
+            with self.ddp.no_sync():
+                yield
+        elif self.fsdp is not None:
+            self.fsdp.set_requires_gradient_sync(False)
+            try:
+                yield
+            finally:
+                self.fsdp.set_requires_gradient_sync(True)
+        else:
+            yield
+
+    def gathered(self, fn: Callable[[], T]) -> T:
+        """`fn()` with the student's and teacher's parameters whole (evaluation): sharded, it runs inside the root's
+        forward, where FSDP2 all-gathers each group as in training, so every rank must call it; else just `fn()`."""
+        if self.fsdp is None:
+            return fn()
+        return self.fsdp(None, fn=lambda _: fn())
+
+    def full_state(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tuple[dict | None, dict]:
+        """(model state, optimizer state) whole, for a checkpoint in the 1-process format (every rank calls it).
+
+        Sharded: the model's full state dict (our parameter names, on the CPU) on rank 0 and {} elsewhere, and the
+        optimizer's `state_dict()` with every DTensor moment gathered (rank 0 keeps it, on the CPU; other ranks
+        keep None). Replicated or alone: (None: read the model itself, `optimizer.state_dict()`).
+        """
+        if self.fsdp is None:
+            return None, optimizer.state_dict()
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        from torch.distributed.tensor import DTensor
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        model_state = get_model_state_dict(model, options=options)
+        state = optimizer.state_dict()  # ids in param_groups order, as a 1-process run writes them
+        state["state"] = {i: dict(per_param) for i, per_param in state["state"].items()}  # not the live dicts
+        for per_param in state["state"].values():
+            for key, value in per_param.items():  # the same order on every rank: the gathers pair up
+                if isinstance(value, DTensor):
+                    whole = value.full_tensor()
+                    per_param[key] = whole.cpu() if is_main() else None
+        return model_state, state
+
+    def load_optimizer_state(self, optimizer: torch.optim.Optimizer, state: dict) -> None:
+        """Load a whole (1-process format) optimizer state; sharded, every rank keeps its slice of each moment."""
+        if self.fsdp is not None:
+            from torch.distributed.tensor import DTensor, distribute_tensor
+
+            params = [p for group in optimizer.param_groups for p in group["params"]]
+            state = {**state, "state": dict(state["state"])}
+            for i, per_param in state["state"].items():
+                p = params[i]
+                if not isinstance(p, DTensor):
+                    continue
+                state["state"][i] = {
+                    k: distribute_tensor(v.to(p.device), p.device_mesh, p.placements, src_data_rank=None)
+                    if isinstance(v, torch.Tensor) and v.shape == p.shape
+                    else v
+                    for k, v in per_param.items()
+                }  # every rank read the whole state: each cuts its own slice (src_data_rank=None: no communication)
+        optimizer.load_state_dict(state)
 
 
 def grad_sum_factor() -> int:
-    """What a rank's loss is multiplied by before backward: DDP averages gradients over the W ranks, and the ranks'
-    losses are shares that sum to the global loss, so ×W turns that average into the sum (exact for W a power of 2)."""
+    """What a rank's loss is multiplied by before backward: DDP (and FSDP2) average gradients over the W ranks, and
+    the ranks' losses are shares that sum to the global loss, so ×W turns that average into the sum (exact for W a
+    power of 2)."""
     return world_size()
 
 

@@ -47,6 +47,7 @@ from engine.options import (
     TaskDataOptions,
     TaskOptions,
     build_options,
+    check_fsdp,
     check_ranges,
     to_dict,
 )
@@ -193,6 +194,7 @@ def finetune(ft: FinetuneOptions, data: TaskDataOptions, optim: OptimOptions, ru
         raise ValueError("--model is required (the no-argument default sets the bundled MiniLM)")
     model_dir = Path(ft.model)
     config = ModelConfig.from_pretrained(model_dir)  # a clear error for a wrong path before the data work
+    check_fsdp(run, "finetune")
     check_ranges(ft, data, optim, run)
     distributed.check_batch_size(data.batch_size)
     record = to_dict(ft, data, optim, run)
@@ -268,6 +270,7 @@ def distill_task(opts: TaskOptions, data: TaskDataOptions, kd: KDOptions, optim:
             f"teacher {teacher_dir} has no {task} head ({HEAD_KEY[task]} is not in its weights): it has not been "
             f"fine-tuned for {task}; fine-tune it first with `distill finetune --task {task} --model {teacher_dir}`"
         )
+    check_fsdp(run, "task")
     check_ranges(opts, data, kd, optim, run)
     distributed.check_batch_size(data.batch_size)
     check_kd_options(task, kd)

@@ -16,6 +16,7 @@ redone after a crash are not logged twice.
 """
 
 import contextlib
+import functools
 import json
 import math
 import signal
@@ -134,6 +135,7 @@ class TrainResult:
     interrupted: bool  # stopped early by a signal (checkpoint saved)
     history: list = field(default_factory=list)  # the metric lines written this run
     seconds: float = 0.0
+    sharded: bool = False  # FSDP2 sharded the model (and teacher) in place: read the final checkpoint back to use them
 
 
 def _rng_state() -> dict:
@@ -175,15 +177,17 @@ def _sum_over_ranks(sums: dict[str, torch.Tensor]) -> None:
         sums[k] = v
 
 
-def save_checkpoint(path: Path, model, tokenizer_dir, trainer_state: dict) -> None:
+def save_checkpoint(path: Path, model, tokenizer_dir, trainer_state: dict, model_state: dict | None = None) -> None:
     """Write model + trainer state into `path` atomically (the old checkpoint survives any failure); a full disk is
-    one OSError that says how much space a checkpoint needs."""
+    one OSError that says how much space a checkpoint needs. `model_state`: the weights of a sharded model, gathered
+    (`DataParallel.full_state`); None: the model's own."""
 
     def needed() -> int:  # the new checkpoint is written beside the old one
-        return tensor_bytes(model.state_dict()) + tensor_bytes(trainer_state)
+        weights = model_state if model_state is not None else model.state_dict()
+        return tensor_bytes(weights) + tensor_bytes(trainer_state)
 
     with explain_write_errors(path, "the checkpoint", needed), atomic_directory(path) as tmp:
-        save_model(model, Path(tmp) / "model", tokenizer_dir=tokenizer_dir)
+        save_model(model, Path(tmp) / "model", tokenizer_dir=tokenizer_dir, state=model_state)
         with open(Path(tmp) / "trainer_state.pt", "wb") as f:  # closed on a failed write too (torch leaks its fd)
             torch.save(trainer_state, f)
 
@@ -231,6 +235,7 @@ def train(
     tokens_in: Callable[[object], torch.Tensor] | None = None,
     options_record: dict | None = None,
     on_save: Callable[[int], None] | None = None,
+    teacher: torch.nn.Module | None = None,
 ) -> TrainResult:
     """Train `model` for `optim.steps` optimizer steps.
 
@@ -241,17 +246,16 @@ def train(
         evaluate: step → metrics dict, under no_grad; run every `run.eval_every` steps and at the end.
         tokens_in: batch → number of real tokens (a device tensor), for tokens/s.
         on_save: called with the step after each checkpoint is saved.
+        teacher: the frozen model that `step_loss` runs, sharded with the student under `run.fsdp`. Sharding is in
+            place: afterwards `model` and `teacher` hold shards (the caller reads the final checkpoint back).
     Returns:
         TrainResult; metric lines also go to `out_dir/metrics.jsonl`, checkpoints to `out_dir/checkpoint`.
     """
     out_dir = Path(out_dir)
     ckpt_dir = out_dir / "checkpoint"
     stateful = dict(stateful or {})
-    optimizer = make_optimizer(model.parameters(), optim, device)
-    scaler = DynamicLossScaler(device) if precision == "fp16" else None
-    guard = StepGuard(optimizer, scaler, optim.clip)
     warmup = int(math.ceil(optim.warmup * optim.steps))
-    start = 0
+    start, state = 0, None
     if run.resume:
         distributed.run_on_main(lambda: finish_interrupted_swaps(out_dir))
         state = load_trainer_state(ckpt_dir)
@@ -260,8 +264,15 @@ def train(
                 f"--steps {optim.steps}: the checkpoint in {ckpt_dir} is at step {state['step']} already; "
                 f"give --steps {state['step']} or more to continue it"
             )
-        load_state_into(model, ckpt_dir / "model")
-        optimizer.load_state_dict(state["optimizer"])
+        load_state_into(model, ckpt_dir / "model")  # whole weights, before any sharding cuts them
+    # Under torchrun the student is replicated by DDP (its gradients all-reduced in backward), or sharded with the
+    # teacher by FSDP2 (--fsdp); alone it is itself. The optimizer is made after: on the shards, when sharded.
+    parallel = distributed.DataParallel(model, step_loss, device, fsdp=run.fsdp, teacher=teacher)
+    optimizer = make_optimizer(model.parameters(), optim, device)
+    scaler = DynamicLossScaler(device) if precision == "fp16" else None
+    guard = StepGuard(optimizer, scaler, optim.clip)
+    if state is not None:
+        parallel.load_optimizer_state(optimizer, state["optimizer"])
         guard.load_state_dict(state["guard"])
         if scaler is not None and state.get("scaler") is not None:
             scaler.load_state_dict(state["scaler"])
@@ -272,13 +283,14 @@ def train(
         start = state["step"]
     else:
         distributed.seed_ranks(run.seed)
-    # Under torchrun the student is replicated by DDP (its gradients all-reduced in backward); alone it is itself.
-    parallel = distributed.DataParallel(model, step_loss, device)
 
     def checkpoint(step: int) -> None:
+        # Sharded, every rank joins the gathers of the whole weights and moments (rank 0 keeps them): a checkpoint
+        # is the same files whatever ran it (1 process, DDP, FSDP2), loadable by transformers and resumable by each.
+        model_state, optimizer_state = parallel.full_state(model, optimizer)
         trainer_state = {
             "step": step,
-            "optimizer": optimizer.state_dict(),
+            "optimizer": optimizer_state,
             "guard": guard.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "data": batches.state_dict(),
@@ -289,7 +301,9 @@ def train(
             "options": options_record,
         }
         # Rank 0 writes (the model and optimizer are the same on every rank); all wait until the checkpoint is whole.
-        distributed.run_on_main(lambda: save_checkpoint(ckpt_dir, model, tokenizer_dir, trainer_state), False)
+        distributed.run_on_main(
+            lambda: save_checkpoint(ckpt_dir, model, tokenizer_dir, trainer_state, model_state), share_result=False
+        )
         if on_save is not None:
             on_save(step)
 
@@ -362,12 +376,15 @@ def train(
                         metrics_file.flush()
                     if progress is not None:
                         progress.set_postfix(loss=line["loss"], tok_s=line.get("tokens_per_s", ""))
-                if evaluate is not None and run.eval_every and step % run.eval_every == 0 and not last and main:
-                    record = {"step": step, "eval": evaluate(step)}
+                # Rank 0 evaluates alone, unless the models are sharded: then every rank takes part in the gathers.
+                evaluating = main or parallel.sharded
+                if evaluate is not None and run.eval_every and step % run.eval_every == 0 and not last and evaluating:
+                    record = {"step": step, "eval": parallel.gathered(functools.partial(evaluate, step))}
                     model.train()
-                    history.append(record)
-                    metrics_file.write(json.dumps(record) + "\n")
-                    metrics_file.flush()
+                    if main:
+                        history.append(record)
+                        metrics_file.write(json.dumps(record) + "\n")
+                        metrics_file.flush()
                 if stopping:
                     interrupted = True
                     checkpoint(step)
@@ -379,4 +396,5 @@ def train(
             metrics_file.close()
         if progress is not None:
             progress.close()
-    return TrainResult(step=step, interrupted=interrupted, history=history, seconds=time.perf_counter() - t0)
+    seconds = time.perf_counter() - t0
+    return TrainResult(step=step, interrupted=interrupted, history=history, seconds=seconds, sharded=parallel.sharded)

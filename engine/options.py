@@ -127,6 +127,9 @@ class RunOptions:
     device: str = opt("auto", "auto, cpu, cuda or cuda:N")
     seed: int = opt(0, "seed of data order, masking, dropout and initialization")
     compile: bool = opt(False, "torch.compile the student and teacher encoders")
+    fsdp: bool = opt(
+        False, "under torchrun, shard student and teacher over the processes (FSDP2) instead of replicating them (DDP)"
+    )
     log_every: int = opt(10, "optimizer steps between metric lines")
     eval_every: int = opt(0, "optimizer steps between evaluations (0: only at the end)")
     save_every: int = opt(0, "optimizer steps between checkpoints (0: only at the end)")
@@ -436,6 +439,27 @@ def check_ranges(*options) -> None:
             test, wording = _RANGES[f.name]
             if not (math.isfinite(value) and test(value)):
                 raise ValueError(f"--{f.name.replace('_', '-')} must be {wording}, got {value}")
+
+
+FSDP_COMMANDS = ("pretrain", "adapt-head")  # the commands whose runs --fsdp shards
+
+
+def check_fsdp(run: RunOptions, command: str, teacher_cache: str = "") -> None:
+    """Refuse --fsdp where it is not built: a one-line error naming the conflict and the fix."""
+    if not run.fsdp:
+        return
+    if command not in FSDP_COMMANDS:
+        raise ValueError(
+            f"--fsdp: `distill {command}` does not shard (only {' and '.join(FSDP_COMMANDS)} do); under torchrun it "
+            "replicates its models with DDP: drop --fsdp"
+        )
+    if teacher_cache:
+        raise ValueError(
+            "--fsdp with --teacher-cache: training from a cache does not shard (there is no teacher in memory, and "
+            "the student is replicated); drop --fsdp"
+        )
+    if run.compile:
+        raise ValueError("--fsdp with --compile: compiling FSDP2-sharded layers is not supported yet; drop one of them")
 
 
 def to_dict(*options) -> dict:

@@ -39,6 +39,7 @@ from engine.options import (
     OptimOptions,
     RunOptions,
     build_options,
+    check_fsdp,
     check_ranges,
     to_dict,
 )
@@ -141,7 +142,10 @@ def _counts(sequences: Sequences, indices: torch.Tensor, vocab_size: int, chunk:
 
 
 def _train_and_report(model, objective_fn, corpus: Corpus, models_for_eval: dict, optim, run, out, device, precision,
-                      tokenizer_dir, record, generator):  # fmt: skip
+                      tokenizer_dir, record, generator, teacher_dir=None):  # fmt: skip
+    """Train, then evaluate on the held-out batches; returns (TrainResult, final evaluation or None when
+    interrupted, `models_for_eval` as trained: the same models, or with --fsdp under torchrun, whole copies read back
+    from the final checkpoint (student) and `teacher_dir` (teacher), as training left them sharded)."""
     run = replace(run, resume=(out / "checkpoint" / "trainer_state.pt").is_file())  # a start without one is afresh
     masking = MaskingOptions(**record["masking"])
     mask_id = corpus.tokenizer.mask_token_id
@@ -159,14 +163,22 @@ def _train_and_report(model, objective_fn, corpus: Corpus, models_for_eval: dict
         model, step_loss, corpus.batches, optim, run, out, device, precision, tokenizer_dir=tokenizer_dir,
         stateful={"masking_generator": GeneratorState(generator)}, evaluate=evaluate,
         tokens_in=lambda b: b.attention_mask.sum(), options_record=record, on_save=lambda step: release_replaced(out),
+        teacher=models_for_eval.get("teacher"),
     )  # fmt: skip
-    return result, (None if result.interrupted else evaluate(result.step))
+    if result.interrupted:
+        return result, None, models_for_eval
+    if result.sharded:  # every rank reads the models back whole, for the final evaluation, the report and the export
+        whole = ckpt.load_model(out / "checkpoint" / "model", head="mlm", device=device)[0]
+        for name, m in models_for_eval.items():
+            models_for_eval[name] = whole if m is model else load_frozen(teacher_dir, "mlm", device, precision)
+    return result, evaluate(result.step), models_for_eval
 
 
 @guarded
 def pretrain(model_opts: ModelOptions, data: DataOptions, masking: MaskingOptions, objective: ObjectiveOptions,
              optim: OptimOptions, run: RunOptions) -> dict:  # fmt: skip
     """Run the DistilBERT distillation recipe; returns the report (also written to `<out>/report.json`)."""
+    check_fsdp(run, "pretrain", model_opts.teacher_cache)
     if model_opts.teacher_cache:  # no teacher in memory, static masking: engine.teacher_cache
         from engine.teacher_cache import pretrain_from_cache
 
@@ -207,12 +219,13 @@ def pretrain(model_opts: ModelOptions, data: DataOptions, masking: MaskingOption
         f"{corpus.n_train} train / {corpus.n_heldout} held-out sequences; {device} {precision}"
     )
     t0 = time.perf_counter()
-    result, final = _train_and_report(
+    result, final, models = _train_and_report(
         student, objective_fn, corpus, {"teacher": teacher, "student": student}, optim, run, out, device,
-        precision, teacher_dir, record, generator,
+        precision, teacher_dir, record, generator, teacher_dir=teacher_dir,
     )  # fmt: skip
     if result.interrupted:
         return interrupted(result.step, out)
+    teacher, student = models["teacher"], models["student"]
     save_model(student, out / "student", teacher_dir)
     t_acc, s_acc = final["teacher"]["mlm_accuracy"], final["student"]["mlm_accuracy"]
     report = {
@@ -254,6 +267,7 @@ def adapt_head(adapt: AdaptOptions, data: DataOptions, masking: MaskingOptions, 
                run: RunOptions) -> dict:  # fmt: skip
     """Train the MLM head (transform + decoder tied to the word embeddings) of an encoder-only
     checkpoint by masked language modelling; saves a teacher with a head to `<out>/model`."""
+    check_fsdp(run, "adapt-head")
     device, precision = setup(run)
     if not adapt.model or not data.data:
         raise ValueError("--model and --data are required (the no-argument default pipeline sets both)")
@@ -282,11 +296,12 @@ def adapt_head(adapt: AdaptOptions, data: DataOptions, masking: MaskingOptions, 
     print(
         f"adapting the MLM head of {model_dir}: {trainable / 1e6:.2f}M trainable parameters; {corpus.n_train} sequences"
     )
-    result, final = _train_and_report(
+    result, final, models = _train_and_report(
         model, objective_fn, corpus, {"model": model}, optim, run, out, device, precision, model_dir, record, generator
     )
     if result.interrupted:
         return interrupted(result.step, out)
+    model = models["model"]
     save_model(model, out / "model", model_dir)
     summary = loss_summary(out / "metrics.jsonl", out / "loss_curve.png", LOSS_KEYS)
     report = {"model": str(out / "model"), **final["model"], "steps": result.step, **summary}

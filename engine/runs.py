@@ -77,7 +77,7 @@ RUN_FILES = (RUN_MARKER, REPORT, "metrics.jsonl", "loss_curve.png", "cache", "st
 # Options a resumed run may change: how it runs and reports, not what it computes. Any other change breaks the exact
 # continuation of the checkpoint's run and is refused. --steps (and --epochs, which sets it) may change too: the
 # learning-rate schedule is then defined over the new total.
-RESUME_SAFE = {("run", k) for k in ("log_every", "eval_every", "save_every", "eval_batches", "compile")} | {
+RESUME_SAFE = {("run", k) for k in ("log_every", "eval_every", "save_every", "eval_batches", "compile", "fsdp")} | {
     ("data", "cache_dir"), ("data", "tokenize_workers"),
     ("finetune", "latency_iters"), ("task", "latency_iters"), ("task", "baseline"),
     ("taskdata", "n_best"), ("taskdata", "max_answer_len"),
