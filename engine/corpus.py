@@ -383,6 +383,19 @@ def corpus_cache_key(texts: Sequence[str], tokenizer, max_seq_len: int, min_seq_
     return hashlib.sha256("|".join(parts).encode()).hexdigest()
 
 
+def chunk_specials(tokenizer, max_seq_len: int, min_seq_len: int) -> tuple[int, int]:
+    """The ([CLS], [SEP]) ids that frame every sequence, once the lengths are checked to leave sequences to keep
+    (`tokenize_corpus` and `engine.tokenstore.build_store` cut alike)."""
+    if max_seq_len < 3:
+        raise ValueError(f"max_seq_len={max_seq_len}: need room for [CLS], one token and [SEP]")
+    if min_seq_len > max_seq_len:
+        raise ValueError(f"min_seq_len={min_seq_len} > max_seq_len={max_seq_len}: every sequence would be dropped")
+    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
+    if cls_id is None or sep_id is None:
+        raise ValueError("the tokenizer defines no [CLS] or [SEP] token")
+    return cls_id, sep_id
+
+
 def tokenize_corpus(
     texts: Sequence[str],
     tokenizer,
@@ -413,13 +426,7 @@ def tokenize_corpus(
         `Sequences` (int32 ids, int64 offsets), in document order; `.dropped` counts the dropped
         sequences.
     """
-    if max_seq_len < 3:
-        raise ValueError(f"max_seq_len={max_seq_len}: need room for [CLS], one token and [SEP]")
-    if min_seq_len > max_seq_len:
-        raise ValueError(f"min_seq_len={min_seq_len} > max_seq_len={max_seq_len}: every sequence would be dropped")
-    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    if cls_id is None or sep_id is None:
-        raise ValueError("the tokenizer defines no [CLS] or [SEP] token")
+    cls_id, sep_id = chunk_specials(tokenizer, max_seq_len, min_seq_len)
 
     cache_path = None
     if cache_dir is not None:

@@ -228,14 +228,8 @@ def run_on_main(fn: Callable[[], T], share_result: bool = True) -> T | None:
     exception is raised on every rank."""
     if world_size() == 1:
         return fn()
-    result, error = None, None
-    if is_main():
-        try:
-            result = fn()
-        except Exception as e:
-            error = e
-    _raise_on_all(error)
-    return broadcast_object(result) if share_result else (result if is_main() else None)
+    result = _main_only(fn)
+    return broadcast_object(result) if share_result else result
 
 
 def main_first(fn: Callable[[], T]) -> T:
@@ -243,6 +237,12 @@ def main_first(fn: Callable[[], T]) -> T:
     model), which rank 0 builds and the others then read."""
     if world_size() == 1:
         return fn()
+    result = _main_only(fn)
+    return result if is_main() else fn()
+
+
+def _main_only(fn: Callable[[], T]) -> T | None:
+    """`fn()` on rank 0 alone, its exception raised on every rank: rank 0's result there, None on the others."""
     result, error = None, None
     if is_main():
         try:
@@ -250,7 +250,7 @@ def main_first(fn: Callable[[], T]) -> T:
         except Exception as e:
             error = e
     _raise_on_all(error)
-    return result if is_main() else fn()
+    return result
 
 
 def rank_seed(seed: int, r: int) -> int:

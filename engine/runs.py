@@ -259,6 +259,18 @@ def _state(out: Path) -> str:
     return "run" if has_checkpoint(out) else "start"
 
 
+def _settled_state(out: Path) -> str:
+    """`out` locked and what killed processes left settled (`_tidy`; locked again, as the folder there may be another
+    one now), then its `_state`: "empty", "run" or "start"; a folder not ours is refused."""
+    _lock(out)
+    _tidy(out)
+    _lock(out)
+    state = _state(out)
+    if state == "foreign":
+        raise FileExistsError(f"{out} is not empty and holds no run of ours; choose another --out")
+    return state
+
+
 def _held(out: Path) -> str:
     if (out / REPORT).is_file():
         return (
@@ -303,12 +315,7 @@ def _check_out_dir(run: RunOptions, record: dict) -> None:
         RunFinished: --resume of a finished run with the same budget (`guarded` answers it with the report).
     """
     out = Path(run.out)
-    _lock(out)
-    _tidy(out)
-    _lock(out)
-    state = _state(out)
-    if state == "foreign":
-        raise FileExistsError(f"{out} is not empty and holds no run of ours; choose another --out")
+    state = _settled_state(out)
     if state != "run":
         return
     if not run.resume:
@@ -352,12 +359,7 @@ def _prepare_out_dir(out: str | Path, resume: bool, overwrite: bool, record: dic
     Anything else non-empty is refused: we never delete files we did not write.
     """
     out = Path(out)
-    _lock(out)
-    _tidy(out)
-    _lock(out)
-    state = _state(out)
-    if state == "foreign":
-        raise FileExistsError(f"{out} is not empty and holds no run of ours; choose another --out")
+    state = _settled_state(out)
     if state == "run" and resume:
         saved = _ours(out)
         changes = option_changes(saved, record)

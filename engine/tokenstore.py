@@ -50,6 +50,7 @@ from engine.corpus import (
     Source,
     _tokenizer_fingerprint,
     check_column,
+    chunk_specials,
     decode_bytes,
     find_sources,
     open_dataset,
@@ -326,13 +327,7 @@ def build_store(
     """
     from engine.atomic import atomic_directory
 
-    if max_seq_len < 3:
-        raise ValueError(f"max_seq_len={max_seq_len}: need room for [CLS], one token and [SEP]")
-    if min_seq_len > max_seq_len:
-        raise ValueError(f"min_seq_len={min_seq_len} > max_seq_len={max_seq_len}: every sequence would be dropped")
-    cls_id, sep_id = tokenizer.cls_token_id, tokenizer.sep_token_id
-    if cls_id is None or sep_id is None:
-        raise ValueError("the tokenizer defines no [CLS] or [SEP] token")
+    cls_id, sep_id = chunk_specials(tokenizer, max_seq_len, min_seq_len)
     sources = find_sources(paths, text_column)
     key = store_key(sources, text_column, tokenizer, max_seq_len, min_seq_len)
     folder = Path(cache_dir) / f"tokens-{key[:24]}"
