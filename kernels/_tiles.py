@@ -2,7 +2,7 @@
 
 Every kernel in `kernels/` walks 2-D row-major tensors row by row (or a few narrow rows per program), so two pure
 functions of (row width, dtype) pick their tiles: `row_tiles` for the light kernels (softmax, cosine, the gradient
-scaling) and `kd_ce_tiles` for the two KD+CE kernels, which hold more per value and per row.
+scaling), `kd_ce_tiles` and `sparse_kd_tiles` for the two KD+CE kernels, which hold more per value and per row.
 """
 
 import torch
@@ -47,6 +47,34 @@ def kd_ce_tiles(width: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """
     one_row = 8192 // dtype.itemsize
     return _tiles(width, one_row, 2048, 128)
+
+
+def sparse_kd_tiles(width: int, dtype: torch.dtype) -> tuple[int, int, int]:
+    """(BLOCK_N, BLOCK, num_warps) for the sparse-target KD+CE kernel (`kernels.sparse_kd`), launched with
+    `maxnreg=register_cap(num_warps)`.
+
+    `kd_ce_tiles`, with one row at most 2048 values on at most 8 warps too. That kernel has no one-tile path (it
+    walks every row twice whatever its width), so a wider tile saves no traffic, and it carries more per row (fp64
+    sums, the kept entries' walks). On sm_90 (Triton 3.6.0) a single-row program over 2048 bf16 values takes 64
+    registers a thread on 8 warps, against 90 over 4096 values on 16 warps: half the register file for twice the
+    resident programs. Spills: see `register_cap`.
+    """
+    block_n, block, num_warps = _tiles(width, 2048, 2048, 128)
+    return block_n, block, num_warps if block_n > 1 else min(num_warps, 8)
+
+
+def register_cap(num_warps: int) -> int:
+    """Registers a thread may take when one program of `num_warps` warps has the SM's whole register file (65536 on
+    sm_80 to sm_90): at most 255. Passed as `maxnreg` to the sparse KD kernel.
+
+    Why. Without a cap ptxas picks its own register target for a program, apparently aiming at more than one
+    resident program, and meets it by spilling a few long-lived values to local memory far below the register file
+    (4-40 B a thread in 15 of the sparse kernel's configurations at 40-160 registers; 16 warps: 64 registers and
+    spills, where 90 fit). Given the register file's share as `.maxnreg`, it allocates about as many registers (the
+    same ±4 where the program is large; 128 → 160 for 64 narrow rows on 4-8 warps) and spills nothing
+    (tests/kernels/test_compile_sm90.py, benchmarks/results/sm90_resources.md).
+    """
+    return min(255, 65536 // (32 * num_warps))
 
 
 @triton.jit

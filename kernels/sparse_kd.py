@@ -92,7 +92,7 @@ from kernels._kd_ce import (
     shift,
     store_rows,
 )
-from kernels._tiles import kd_ce_tiles, round_to
+from kernels._tiles import register_cap, round_to, sparse_kd_tiles
 from kernels.reference_sparse import sparse_kd_ce_rows_reference
 
 
@@ -277,7 +277,7 @@ def sparse_kd_ce_fwd(student, topk_logits, topk_indices, teacher_lse, labels, kd
     )
     if n == 0:
         return kd_row, ce_row, grad
-    block_n, block, num_warps = kd_ce_tiles(v, student.dtype)
+    block_n, block, num_warps = sparse_kd_tiles(v, student.dtype)
     block_k = min(triton.next_power_of_2(k), block)  # K ≤ V: a (BLOCK_N, BLOCK_K) block is at most a row tile
     # In place, walk 3a overwrites the row before walk 3b reads the kept logits: gather them first. A bad id is
     # clamped for the gather only; the kernel still sees it and poisons the row.
@@ -291,7 +291,7 @@ def sparse_kd_ce_fwd(student, topk_logits, topk_indices, teacher_lse, labels, kd
         1.0 / temperature, float(temperature), float(label_smoothing), int(ignore_index),
         HAS_LABELS=labels is not None, HAS_KD_MASK=kd_mask is not None, HAS_SMOOTHING=label_smoothing > 0,
         ONE_TEMP=temperature == 1.0, HAS_TAIL=k < v, GATHERED=gathered, COMPUTE_GRAD=compute_grad,
-        BLOCK_N=block_n, BLOCK=block, BLOCK_K=block_k, num_warps=num_warps,
+        BLOCK_N=block_n, BLOCK=block, BLOCK_K=block_k, num_warps=num_warps, maxnreg=register_cap(num_warps),
     )  # fmt: skip
     if grad_out is not None:
         torch.autograd.graph.increment_version(grad_out)  # written behind autograd's back
