@@ -1,7 +1,7 @@
 """`distill pretrain` and `distill adapt-head`: the DistilBERT recipe end to end (data → masking → triple loss →
 loop → report), and the MLM head an encoder-only teacher needs first.
 
-Setup order of `pretrain`: every input is checked before the output folder is touched (`engine.runs.guarded` and
+Setup order of `pretrain`: every input is checked before the output folder is touched (`engine.run_folder.guarded` and
 `check_out_dir` keep a run folder whole): options (ranges, loss weights) → run-folder checks (another run, --resume's
 options) → teacher (frozen, eval, half precision on GPUs) and its tokenizer → --max-seq-len against both models'
 positions → texts read (binary files refused); then the output folder → student (given, or initialized from teacher

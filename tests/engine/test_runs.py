@@ -1,5 +1,6 @@
-"""engine/runs.py: a run folder never loses work. Overwrite, resume, crashes (real `kill -9`s of `python -m engine`),
-leftovers, bad configuration and the CLI's one-line errors, each reproduced on a tiny teacher and real text.
+"""engine/run_folder.py (and engine/runs.py): a run folder never loses work. Overwrite, resume, crashes (real `kill -9`s
+of `python -m engine`), leftovers, bad configuration and the CLI's one-line errors, each reproduced on a tiny teacher
+and real text.
 
 The subprocess tests run the real command line; the reference runs go through `cli.main` in this process with the same
 arguments, so that both sides build exactly the same options.
