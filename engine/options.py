@@ -442,6 +442,8 @@ def check_ranges(*options) -> None:
 
 
 FSDP_COMMANDS = ("pretrain", "adapt-head")  # the commands whose runs --fsdp shards
+# What a command that does not shard does under torchrun instead, where it is not DDP (its refusal of --fsdp says so).
+_UNSHARDED = {"cache-teacher": "runs a whole teacher in every process, each writing its own shards of the cache"}
 
 
 def check_fsdp(run: RunOptions, command: str, teacher_cache: str = "") -> None:
@@ -449,9 +451,10 @@ def check_fsdp(run: RunOptions, command: str, teacher_cache: str = "") -> None:
     if not run.fsdp:
         return
     if command not in FSDP_COMMANDS:
+        instead = _UNSHARDED.get(command, "replicates its models with DDP")
         raise ValueError(
             f"--fsdp: `distill {command}` does not shard (only {' and '.join(FSDP_COMMANDS)} do); under torchrun it "
-            "replicates its models with DDP: drop --fsdp"
+            f"{instead}: drop --fsdp"
         )
     if teacher_cache:
         raise ValueError(

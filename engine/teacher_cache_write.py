@@ -327,7 +327,7 @@ def cache_teacher(opts, data, masking, run) -> dict:
     held-out split of pretraining; --overwrite replaces a cache made with other options).
     Returns the manifest.
     """
-    from engine.options import DataOptions, check_ranges, to_dict
+    from engine.options import DataOptions, check_fsdp, check_ranges, to_dict
     from engine.runs import check_lengths, load_frozen, setup, skip_input_checks
 
     task = opts.task
@@ -336,6 +336,7 @@ def cache_teacher(opts, data, masking, run) -> dict:
     if not opts.teacher:
         raise ValueError("--teacher is required: the checkpoint whose outputs the cache keeps")
     check_ranges(opts, data, masking, run)
+    check_fsdp(run, "cache-teacher")
     if not (math.isfinite(opts.temperature) and opts.temperature > 0):
         raise ValueError(f"--temperature must be > 0, got {opts.temperature}")
     teacher_dir = Path(opts.teacher)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from engine import distributed
+from engine import cli, distributed
 from engine.options import RunOptions, check_fsdp
 from tests.engine import test_distributed
 from tests.engine.test_distributed import STEPS, _assert_same_run, _distill, _lines, _weights
@@ -125,6 +125,7 @@ def test_one_process_with_fsdp_is_the_plain_path(capsys):
     [
         ("task", RunOptions(fsdp=True), "", r"^--fsdp: `distill task` does not shard .*: drop --fsdp$"),
         ("finetune", RunOptions(fsdp=True), "", r"^--fsdp: `distill finetune` does not shard"),
+        ("cache-teacher", RunOptions(fsdp=True), "", r"^--fsdp: `distill cache-teacher` does not shard .*of the cache"),
         ("pretrain", RunOptions(fsdp=True, compile=True), "", r"^--fsdp with --compile: .* drop one of them$"),
         ("pretrain", RunOptions(fsdp=True), "cache", r"^--fsdp with --teacher-cache: .* drop --fsdp$"),
     ],
@@ -135,3 +136,15 @@ def test_fsdp_combinations_not_built_are_refused_in_one_line(command, run, cache
     assert "\n" not in str(error.value)
     check_fsdp(RunOptions(fsdp=True), "pretrain")
     check_fsdp(RunOptions(compile=True), "task", "cache")  # without --fsdp nothing is checked
+
+
+def test_cache_teacher_refuses_fsdp_in_one_line_before_any_work(tmp_path, capsys):
+    out = tmp_path / "cache"
+    args = ["--teacher", str(tmp_path / "teacher"), "--data", str(tmp_path / "train.csv"), "--out", str(out), "--fsdp"]
+    assert cli.main(["cache-teacher", *args]) == 2
+    assert capsys.readouterr().err == (
+        "distill cache-teacher: error: --fsdp: `distill cache-teacher` does not shard (only pretrain and adapt-head "
+        "do); under torchrun it runs a whole teacher in every process, each writing its own shards of the cache: drop "
+        "--fsdp\n"
+    )
+    assert not out.exists()
