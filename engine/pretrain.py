@@ -97,15 +97,26 @@ def prepare_corpus(tokenizer, data: DataOptions, masking: MaskingOptions, run: R
     all_counts = None
     if texts is None:
         folder = distributed.run_on_main(
-            lambda: build_store(data.data, tokenizer, cache_dir, data.max_seq_len, data.min_seq_len, data.text_column,
-                                workers=data.tokenize_workers, progress=run.progress).folder  # fmt: skip
+            lambda: (
+                build_store(
+                    data.data,
+                    tokenizer,
+                    cache_dir,
+                    data.max_seq_len,
+                    data.min_seq_len,
+                    data.text_column,
+                    workers=data.tokenize_workers,
+                    progress=run.progress,
+                ).folder
+            )
         )
         store = TokenStore.open(folder)
         sequences, all_counts = store.sequences(), store.counts()
     else:  # rank 0 tokenizes into the cache; the other ranks then read it
         sequences = distributed.main_first(
-            lambda: tokenize_corpus(texts, tokenizer, max_seq_len=data.max_seq_len, min_seq_len=data.min_seq_len,
-                                    cache_dir=cache_dir)  # fmt: skip
+            lambda: tokenize_corpus(
+                texts, tokenizer, max_seq_len=data.max_seq_len, min_seq_len=data.min_seq_len, cache_dir=cache_dir
+            )
         )
     train, heldout = split_indices(len(sequences), fraction=data.heldout_fraction, seed=run.seed)
     if not len(train) or not len(heldout):
