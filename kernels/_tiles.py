@@ -51,16 +51,19 @@ def kd_ce_tiles(width: int, dtype: torch.dtype) -> tuple[int, int, int]:
 
 def sparse_kd_tiles(width: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK, num_warps) for the sparse-target KD+CE kernel (`kernels.sparse_kd`), launched with
-    `maxnreg=register_cap(num_warps)`.
+    `maxnreg=register_cap(num_warps)`: at most 2048 values in a tile of one row, 1024 in a tile of several rows, one
+    warp per 128 values (4 a thread), at most 8 warps (so up to 255 registers a thread).
 
-    `kd_ce_tiles`, with one row at most 2048 values on at most 8 warps too. That kernel has no one-tile path (it
-    walks every row twice whatever its width), so a wider tile saves no traffic, and it carries more per row (fp64
-    sums, the kept entries' walks). On sm_90 (Triton 3.6.0) a single-row program over 2048 bf16 values takes 64
-    registers a thread on 8 warps, against 90 over 4096 values on 16 warps: half the register file for twice the
-    resident programs. Spills: see `register_cap`.
+    That kernel carries more than the dense one: fp64 sums, and the kept entries' walks over (BLOCK_N, BLOCK_K)
+    blocks of 64-bit ids, gathered logits and targets. On sm_90 its tiles of several rows at 2048 values on 16 warps
+    sat at the 128-register cap with both Triton versions and spilled 8 B with 3.6.0 (fp32, 8 rows of 256, K = V);
+    1024 values on 8 warps take 138 registers and spill nothing. A single row on 16 warps got 64 registers from
+    ptxas over 2048 values and 90 over 4096, against 64 over 2048 on 8 warps. It has no one-tile path (it walks every
+    row twice whatever its width), so narrower tiles cost no traffic: narrow rows (V ≤ 1024: classes, QA spans) just
+    take more, shorter programs.
     """
-    block_n, block, num_warps = _tiles(width, 2048, 2048, 128)
-    return block_n, block, num_warps if block_n > 1 else min(num_warps, 8)
+    block_n, block, num_warps = _tiles(width, 2048, 1024, 128)
+    return block_n, block, min(num_warps, 8)
 
 
 def register_cap(num_warps: int) -> int:
@@ -69,10 +72,11 @@ def register_cap(num_warps: int) -> int:
 
     Why. Without a cap ptxas picks its own register target for a program, apparently aiming at more than one
     resident program, and meets it by spilling a few long-lived values to local memory far below the register file
-    (4-40 B a thread in 15 of the sparse kernel's configurations at 40-160 registers; 16 warps: 64 registers and
-    spills, where 90 fit). Given the register file's share as `.maxnreg`, it allocates about as many registers (the
-    same ±4 where the program is large; 128 → 160 for 64 narrow rows on 4-8 warps) and spills nothing
-    (tests/kernels/test_compile_sm90.py, benchmarks/results/sm90_resources.md).
+    (4-40 B a thread in 15 of the sparse kernel's configurations at 40-160 registers, Triton 3.6.0; one of them a
+    value saved across the subroutine call of the fp64 division's slow path). Given the register file's share as
+    `.maxnreg`, it allocates about as many registers (the same ±4 where the program is large; 128 → 160 for 64
+    narrow rows on 4-8 warps) and spills nothing (tests/kernels/test_compile_sm90.py,
+    benchmarks/results/sm90_resources.md).
     """
     return min(255, 65536 // (32 * num_warps))
 

@@ -21,18 +21,19 @@ def test_launch_heuristic_is_a_pure_function(v, dtype):
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_kd_ce_tiles_hold_what_compiles_without_spills(tiles, dtype):
     """The KD+CE kernels' tiles (tests/kernels/test_compile_sm90.py measures them): a tile of several rows holds at
-    most 2048 values at 4 a thread (16-bit tiles of 4096 values spilled); a sparse single row at most 2048 values on
-    at most 8 warps (16 warps spilled); a dense single row as wide as `row_tiles`' tile. Each depends on the width
-    only through its next power of two, so the compile test's one width per power of two reaches every tile."""
+    most 2048 values at 4 a thread (16-bit tiles of 4096 values spilled), 1024 on at most 8 warps in the sparse
+    kernel, whose single rows hold at most 2048; a dense single row as wide as `row_tiles`' tile. Each depends on the
+    width only through its next power of two, so the compile test's one width per power of two reaches every tile."""
     for v in [1, 2, 3, 5, 7, 9, 17, 33, 65, 129, 257, 513, 1025, 2049, 4097, 30522, 262144]:
         block_n, block, num_warps = tiles(v, dtype)
         assert block & (block - 1) == 0 and block_n & (block_n - 1) == 0 and num_warps in (1, 2, 4, 8, 16)
         assert (block_n, block, num_warps) == tiles(triton.next_power_of_2(v), dtype)
         assert block >= min(v, 2048) and block_n <= 64
-        if block_n > 1:
+        if tiles is sparse_kd_tiles:
+            assert block_n * block <= (1024 if block_n > 1 else 2048) and block == min(triton.next_power_of_2(v), 2048)
+            assert num_warps == min(8, max(1, block_n * block // 128))
+        elif block_n > 1:
             assert block_n * block <= 2048 and num_warps == max(1, block_n * block // 128)
-        elif tiles is sparse_kd_tiles:
-            assert block == min(triton.next_power_of_2(v), 2048) and num_warps == min(8, max(1, block // 128))
         else:  # as wide as `row_tiles`' tiles, one warp per 128 values
             assert block == min(triton.next_power_of_2(v), 8192 // dtype.itemsize)
             assert num_warps == min(16, max(1, block // 128))
