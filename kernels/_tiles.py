@@ -57,10 +57,10 @@ def sparse_kd_tiles(width: int, dtype: torch.dtype) -> tuple[int, int, int]:
     That kernel carries more than the dense one: fp64 sums, and the kept entries' walks over (BLOCK_N, BLOCK_K)
     blocks of 64-bit ids, gathered logits and targets. On sm_90 its tiles of several rows at 2048 values on 16 warps
     sat at the 128-register cap with both Triton versions and spilled 8 B with 3.6.0 (fp32, 8 rows of 256, K = V);
-    1024 values on 8 warps take 138 registers and spill nothing. A single row on 16 warps got 64 registers from
-    ptxas over 2048 values and 90 over 4096, against 64 over 2048 on 8 warps. It has no one-tile path (it walks every
-    row twice whatever its width), so narrower tiles cost no traffic: narrow rows (V ≤ 1024: classes, QA spans) just
-    take more, shorter programs.
+    1024 values on 8 warps take 138 registers and spill nothing. A single bf16 row of 4096 values on 16 warps needs
+    90 registers a thread (one program per SM), 2048 on 8 warps 64 (four). The kernel has no one-tile path (it walks
+    every row twice whatever its width), so narrower tiles cost no traffic: narrow rows (V ≤ 1024: classes, QA
+    spans) just take more, shorter programs.
     """
     block_n, block, num_warps = _tiles(width, 2048, 1024, 128)
     return block_n, block, min(num_warps, 8)
