@@ -52,7 +52,7 @@ def kd_ce_tiles(width: int, dtype: torch.dtype) -> tuple[int, int, int]:
 def sparse_kd_tiles(width: int, dtype: torch.dtype) -> tuple[int, int, int]:
     """(BLOCK_N, BLOCK, num_warps) for the sparse-target KD+CE kernel (`kernels.sparse_kd`), launched with
     `maxnreg=register_cap(num_warps)`: at most 2048 values in a tile of one row, 1024 in a tile of several rows, one
-    warp per 128 values (4 a thread), at most 8 warps (so up to 255 registers a thread).
+    warp per 128 values up to 8 warps (so up to 255 registers a thread; 4 values a thread, 8 in a row of 2048).
 
     That kernel carries more than the dense one: fp64 sums, and the kept entries' walks over (BLOCK_N, BLOCK_K)
     blocks of 64-bit ids, gathered logits and targets. On sm_90 its tiles of several rows at 2048 values on 16 warps
