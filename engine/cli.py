@@ -24,6 +24,7 @@ from engine.options import (
     TASK_SECTIONS,
     add_options,
     build_options,
+    check_fsdp,
 )
 
 
@@ -35,6 +36,7 @@ def _pretrain(args: argparse.Namespace) -> dict:
     if args.data is None:
         profile["data"] = [str(defaults.bbc_news_dir())]
     options = build_options(args, *PRETRAIN_SECTIONS, profile=profile)
+    check_fsdp(options[-1], "pretrain", options[0].teacher_cache)  # before the bundled teacher's head is trained
     if bundled and not options[0].teacher_cache:  # from a cache, the teacher is the one it names
         options[0].teacher = str(bundled_teacher(options[-1]))
     return pretrain(*options)

@@ -298,6 +298,15 @@ class _Step(torch.nn.Module):
                 teacher.reshard()  # nothing of the teacher is needed in backward (its outputs carry no grad)
 
 
+def _local_share(model: torch.nn.Module) -> float:
+    """The fraction of `model`'s parameter elements this rank holds (1/W when every parameter is sharded)."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.parameters())
+    local = sum((p.to_local() if isinstance(p, DTensor) else p).numel() for p in params)
+    return local / max(1, sum(p.numel() for p in params))
+
+
 def _shard_layers(model: torch.nn.Module, mesh) -> None:
     """One FSDP2 group per transformer layer of a BERT/DistilBERT model (all-gathered for its forward and again for
     its backward, freed after each); the rest (embeddings, head) is left to the group of an enclosing module."""
@@ -320,10 +329,13 @@ class DataParallel:
     for its forward and again for its backward, and its gradient is reduce-scattered (averaged, as DDP's all-reduce,
     hence the same `grad_sum_factor`); the student's embeddings and head form the root group (`_Step`). The frozen
     `teacher` is sharded the same way, layer by layer plus one group for its embeddings and head, and never gets
-    gradients. `no_sync()` is FSDP2's `set_requires_gradient_sync(False)`: unsharded gradients accumulate and are
-    reduce-scattered in the last micro-batch's backward. Parameters are sharded in place: the student and teacher
-    the caller holds are the sharded ones, readable only through `gathered` (every rank at once) and
-    `full_state` until the run ends.
+    gradients. Sharded, `no_sync()` does nothing: every micro-batch's gradient is reduce-scattered and the shards
+    accumulate, so no rank ever holds a whole gradient (FSDP2's `set_requires_gradient_sync(False)` would keep
+    whole fp32 gradients between micro-batches, the memory `--fsdp` is there to save; one reduce-scatter per
+    micro-batch is the price). Backward prefetches the student's previous layer explicitly: FSDP2's default replays
+    the forward order, in which the teacher's layers ran first, and would all-gather a teacher layer for nothing.
+    Parameters are sharded in place: the student and teacher the caller holds are the sharded ones, readable only
+    through `gathered` (every rank at once) and `full_state` until the run ends.
 
     Call: batch → (loss, terms), as the `step_loss` it wraps.
     """
@@ -353,6 +365,12 @@ class DataParallel:
                 fully_shard(teacher, mesh=mesh)  # embeddings + head: one group, gathered by `_Step.forward`
             _shard_layers(student, mesh)
             self.fsdp = fully_shard(_Step(student, step_loss, teacher), mesh=mesh)
+            layers = list(student.encoder.layers)
+            for i, layer in enumerate(layers):  # the first layer "prefetches" the root, which is already whole
+                layer.set_modules_to_backward_prefetch([layers[i - 1] if i else self.fsdp])
+            models = [("student", student)] + ([("teacher", teacher)] if teacher is not None else [])
+            held = ", ".join(f"{100 * _local_share(m):.1f}% of the {name}'s parameters" for name, m in models)
+            print(f"FSDP2: sharded over {world_size()} ranks; rank 0 holds {held}")
             return
         from torch.nn.parallel import DistributedDataParallel
 
@@ -378,16 +396,11 @@ class DataParallel:
 
     @contextlib.contextmanager
     def no_sync(self) -> Iterator[None]:
-        """Gradients of the micro-batches run inside accumulate on this rank, unreduced (not the last one)."""
+        """DDP: gradients of the micro-batches run inside accumulate on this rank, unreduced (not the last one).
+        Sharded or alone: nothing (FSDP2 reduce-scatters every micro-batch; see the class docstring)."""
         if self.ddp is not None:
             with self.ddp.no_sync():
                 yield
-        elif self.fsdp is not None:
-            self.fsdp.set_requires_gradient_sync(False)
-            try:
-                yield
-            finally:
-                self.fsdp.set_requires_gradient_sync(True)
         else:
             yield
 

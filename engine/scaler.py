@@ -90,7 +90,8 @@ class StepGuard:
         # One fused pass gives the norm that clipping needs and the overflow test: a single inf or
         # nan anywhere makes the total norm non-finite.
         norm = torch.nn.utils.clip_grad_norm_(self.params, clip, foreach=True if grads else None)
-        if hasattr(norm, "full_tensor"):  # FSDP2's sharded grads give a replicated DTensor: its value, no communication
+        # FSDP2: a DTensor; full_tensor() may all-reduce partial norms, so every rank must run this line.
+        if hasattr(norm, "full_tensor"):
             norm = norm.full_tensor()
         found_inf = (~torch.isfinite(norm)).float()
         self.last_grad_norm = norm.detach()

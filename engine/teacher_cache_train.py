@@ -145,7 +145,7 @@ def pretrain_from_cache(model_opts, data, masking, objective, optim, run) -> dic
     so. Called by `engine.pretrain.pretrain` (inside its run-folder guard) with the same options."""
     from engine import checkpoint as ckpt
     from engine.config import ModelConfig
-    from engine.corpus import load_texts, load_tokenizer
+    from engine.corpus import find_sources, load_tokenizer
     from engine.evaluate import evaluate_mlm
     from engine.loop import train
     from engine.model import count_parameters
@@ -186,7 +186,7 @@ def pretrain_from_cache(model_opts, data, masking, objective, optim, run) -> dic
     tokenizer = load_tokenizer(cache.tokenizer_dir)
     student_cfg = [ModelConfig.from_pretrained(model_opts.student)] if model_opts.student else []
     check_lengths(data.max_seq_len, tokenizer, cache.config, *student_cfg)
-    texts = load_texts(data.data, text_column=data.text_column)
+    find_sources(data.data, text_column=data.text_column)  # every file there and text, checked without reading it
     out = prepare_out_dir(run.out, run.resume, run.overwrite, record)
     student_dir = student_checkpoint(model_opts.student, teacher_dir, out, model_opts.student_arch,
                                      model_opts.student_num_layers, model_opts.student_layers)  # fmt: skip
@@ -196,7 +196,7 @@ def pretrain_from_cache(model_opts, data, masking, objective, optim, run) -> dic
             f"vocabulary mismatch: the cache's teacher has {m['teacher']['vocab_size']} tokens, the student "
             f"{student.config.vocab_size}; the student must use the teacher's tokenizer"
         )
-    corpus = prepare_corpus(tokenizer, data, masking, run, out, student.config.vocab_size, device, texts)
+    corpus = prepare_corpus(tokenizer, data, masking, run, out, student.config.vocab_size, device)  # the token store
     cache.check(TrainSequences(corpus.batches), objective, tokenizer, model_opts.teacher or None)
     skip_input_checks(student)
     batches = cached_batches(corpus.batches, cache, distributed.shard())  # each rank reads its rows of every batch

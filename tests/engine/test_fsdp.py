@@ -1,14 +1,17 @@
 """FSDP2 sharding (`--fsdp`): W ranks that shard the student and the teacher train exactly as 1 rank.
 
 Under `torchrun` (gloo, 2 CPU processes, the tiny models and corpus of `test_distributed`), with gradient accumulation
-(FSDP2's `set_requires_gradient_sync`) and evaluations between steps (a collective once sharded): a 2-rank `--fsdp`
-pretrain run logs the same losses and evaluations and ends with the same weights as a 1-rank run; its checkpoint is in
-the 1-process format; and a SIGTERM mid-run followed by --resume reproduces the uninterrupted 2-rank run. In-process:
-one process with --fsdp is the plain path, and the combinations not built are refused in one line.
+(a reduce-scatter every micro-batch, shards accumulating) and evaluations between steps (a collective once sharded):
+a 2-rank `--fsdp` pretrain run holds half of each model per rank, logs the same losses and evaluations and ends with
+the same weights as a 1-rank run; its checkpoint is in the 1-process format; and a SIGTERM mid-run followed by
+--resume reproduces the uninterrupted 2-rank run. In-process: one process with --fsdp is the plain path, the
+combinations not built are refused in one line, and (2 spawned gloo processes) backward gathers only student
+layers, never a teacher layer.
 """
 
 import json
 import os
+import re
 import signal
 import time
 from pathlib import Path
@@ -42,7 +45,7 @@ def one_rank(pretrain_inputs):
 @pytest.fixture(scope="module")
 def fsdp_two_ranks(pretrain_inputs):
     args, out = _run_args(pretrain_inputs, "fsdp-two", "--fsdp")
-    _distill(args, nproc=2)
+    (out.parent / "fsdp-two.log").write_text(_distill(args, nproc=2))
     return out
 
 
@@ -54,6 +57,12 @@ def _evals(metrics: Path) -> list[dict]:
 def test_fsdp_two_ranks_pretrain_like_one_rank(one_rank, fsdp_two_ranks):
     one, two = one_rank, fsdp_two_ranks
     _assert_same_run(one / "metrics.jsonl", two / "metrics.jsonl", one / "student", two / "student", KEYS)
+    # ... and it really was sharded (DDP would pass the comparison too): each rank held half of each model.
+    log = (two.parent / "fsdp-two.log").read_text()
+    shares = re.search(r"FSDP2: sharded over 2 ranks; rank 0 holds ([\d.]+)% of the student's parameters, "
+                       r"([\d.]+)% of the teacher's parameters", log)  # fmt: skip
+    assert shares, log[-3000:]
+    assert all(45 <= float(x) <= 55 for x in shares.groups()), shares.group(0)
     # The evaluations between steps ran on both ranks (rank 0 wrote them) and saw the 1-rank weights.
     ev1, ev2 = _evals(one / "metrics.jsonl"), _evals(two / "metrics.jsonl")
     assert [e["step"] for e in ev1] == [e["step"] for e in ev2] == [4, 8]
@@ -148,3 +157,63 @@ def test_cache_teacher_refuses_fsdp_in_one_line_before_any_work(tmp_path, capsys
         "--fsdp\n"
     )
     assert not out.exists()
+
+
+class _Toy(torch.nn.Module):
+    """The shape `DataParallel` shards: `encoder.layers` (one group each) and the rest (the root's group)."""
+
+    def __init__(self):
+        super().__init__()
+        self.encoder = torch.nn.Module()
+        self.encoder.layers = torch.nn.ModuleList(torch.nn.Linear(8, 8) for _ in range(3))
+        self.head = torch.nn.Linear(8, 8)
+
+    def forward(self, x):
+        for layer in self.encoder.layers:
+            x = layer(x).tanh()
+        return self.head(x)
+
+
+def _backward_gathers(rank: int, init: str, found: dict) -> None:
+    """One sharded step (teacher first, as the objectives run it); records the groups gathered during backward."""
+    import torch.distributed as dist
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    dist.init_process_group("gloo", init_method=init, rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        student, teacher = _Toy(), _Toy().requires_grad_(False)
+
+        def step_loss(x):
+            with torch.no_grad():
+                t = teacher(x)
+            return ((student(x) - t) ** 2).mean(), {}
+
+        parallel = distributed.DataParallel(student, step_loss, torch.device("cpu"), fsdp=True, teacher=teacher)
+        gathered, unshard = [], FSDPParamGroup.unshard
+
+        def recording(group, *args, **kwargs):
+            if not group.is_unsharded and group._all_gather_result is None:  # a real all-gather starts
+                gathered.append(group._module_fqn)
+            return unshard(group, *args, **kwargs)
+
+        loss = parallel(torch.randn(4, 8))[0]
+        FSDPParamGroup.unshard = recording
+        try:
+            loss.backward()
+        finally:
+            FSDPParamGroup.unshard = unshard
+        found[rank] = gathered
+    finally:
+        dist.destroy_process_group()
+
+
+def test_fsdp_backward_gathers_no_teacher_layer(tmp_path):
+    """FSDP2's default backward prefetch replays the forward order, where the teacher's layers ran first: the
+    student's first layer would gather the teacher's last layer for nothing. Backward gathers student layers only."""
+    found = torch.multiprocessing.Manager().dict()
+    torch.multiprocessing.spawn(_backward_gathers, args=(f"file://{tmp_path / 'rendezvous'}", found), nprocs=2)
+    for rank in (0, 1):
+        assert found[rank], "nothing was gathered in backward: the student was not sharded"
+        assert all("teacher" not in fqn for fqn in found[rank]), found[rank]
+        assert sorted(found[rank]) == sorted(f"student.encoder.layers.{i}" for i in range(3)), found[rank]
