@@ -217,3 +217,14 @@ def test_fsdp_backward_gathers_no_teacher_layer(tmp_path):
         assert found[rank], "nothing was gathered in backward: the student was not sharded"
         assert all("teacher" not in fqn for fqn in found[rank]), found[rank]
         assert sorted(found[rank]) == sorted(f"student.encoder.layers.{i}" for i in range(3)), found[rank]
+
+
+def test_pretrain_refuses_fsdp_with_compile_before_the_bundled_teacher(tmp_path, monkeypatch, capsys):
+    """No --teacher: the refusal comes before the bundled teacher's head would be trained (minutes on a CPU)."""
+    import engine.pretrain
+
+    monkeypatch.setattr(engine.pretrain, "bundled_teacher", lambda run: pytest.fail("the bundled teacher was made"))
+    assert cli.main(["pretrain", "--fsdp", "--compile", "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "--fsdp with --compile" in err, err
+    assert not (tmp_path / "run").exists()
