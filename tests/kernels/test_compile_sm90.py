@@ -20,9 +20,12 @@ target=GPUTarget("cuda", 90, 32), options=...)`. Registers and local memory are 
 dynamic shared memory Triton launches with (`metadata.shared`).
 
 What is compiled, per Triton version:
-  - configurations: `benchmarks.correctness.tile_configs(dtype)`, one row width per distinct (BLOCK_N, BLOCK,
-    num_warps, SINGLE_TILE) that `kernels._tiles.row_tiles` can pick, for fp32, bf16 and fp16 (the gpu_check sweep's
-    enumeration, reused); `sweep_rows(config)` rows;
+  - configurations: the widths of `benchmarks.correctness.tile_configs(dtype)`, one row width per distinct
+    (BLOCK_N, BLOCK, num_warps, SINGLE_TILE) that `kernels._tiles.row_tiles` can pick, for fp32, bf16 and fp16 (the
+    gpu_check sweep's enumeration, reused); `sweep_rows(config)` rows. The KD+CE launchers pick their own tiles
+    (`kd_ce_tiles`, `sparse_kd_tiles`), which like `row_tiles` depend on the width only through its next power of
+    two: these widths (one per power-of-two class up to the largest tile) reach each of their tiles too, and every
+    launch is labelled with the tiles it was launched with;
   - strides: each width is odd (2^j + 1), so with contiguous rows no integer is divisible by 16; a second launch
     reads the same rows from a buffer padded to a multiple of 16 columns (strided rows, as the ops accept), which
     specializes the row strides as divisible by 16. The compiled code differs (vector width, address arithmetic),
@@ -62,14 +65,13 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 SIDE_TRITONS = {"3.6.0": ROOT / ".cache" / "triton-3.6.0"}  # the GPU machine's Triton, beside torch 2.11
 INSTALL_HINT = "python -m pip install --no-deps --target .cache/triton-{v} triton=={v}"
-# Local memory (bytes per thread; spilled registers live there) a launch may use, by kernel; 0 for any other. The two
-# KD+CE kernels spill at bf16/fp16 multi-row tiles (BLOCK_N 8 to 64 at 16 warps: 128 registers a thread) when the row
-# stride is odd, so that loads cannot be vectorized; the same launches on rows padded to 16 columns do not. Apart
-# from those, a few launches far below the register limit (40-64 registers) keep 8-16 B of stack, with either
-# ptxas. Fewer warps make the big spills worse (8 warps: 255 registers and more spills). Measured at most 48 B
-# (_kd_ce) and 400 B (_sparse_kd_ce, Triton 3.6); the bounds leave ~15% for other Triton releases. Lower them to 0
-# when the tiles of these kernels change (benchmarks/results/sm90_resources.md lists every spilling configuration).
-SPILL_BOUND_BYTES = {"_kd_ce_fwd_kernel": 56, "_sparse_kd_ce_fwd_kernel": 464}
+# Local memory (bytes per thread; spilled registers live there) a launch may use, by kernel; 0 for any other. None
+# now. The KD+CE kernels spilled up to 48 B (_kd_ce) and 400 B (_sparse_kd_ce) on 16-bit tiles of 4096 values over
+# 16 warps (128 registers a thread) with odd row strides: their tiles are now `kernels._tiles.kd_ce_tiles` and
+# `sparse_kd_tiles` (at most 2048 values in a tile of several rows). The sparse kernel also spilled 4-40 B far below
+# the register limit (40-160 registers) where ptxas, given no cap, keeps its own register target: it is launched
+# with `maxnreg` = one program's share of the register file (`kernels._tiles.register_cap`).
+SPILL_BOUND_BYTES: dict[str, int] = {}
 MARKDOWN = "benchmarks/results/sm90_resources.md"
 REGISTER_FILE = 65536  # 32-bit registers per SM on sm_90: regs × threads per program must fit (255 per thread at most)
 
@@ -82,7 +84,7 @@ class Launch:
     kernel: str  # the entry kernel's name
     setting: str  # the switch setting ("all", or which flag is off)
     dtype: str
-    config: dict  # width, BLOCK_N, BLOCK, num_warps, single_tile (benchmarks.correctness.tile_configs)
+    config: dict  # width, BLOCK_N, BLOCK, num_warps, single_tile: the tiles the launcher picked at this width
     strides: str  # "odd" or "16": the row strides' divisibility
     args: tuple = ()
     kwargs: dict = dataclasses.field(default_factory=dict)
@@ -221,12 +223,21 @@ def record_launches() -> list[Launch]:
                 with torch.no_grad():
                     thunk()
                 assert len(current) == 1 and current[0].kernel == kernel, (kernel, setting, current)
-                launches.append(dataclasses.replace(current[0], setting=setting, dtype=dtype_name, config=config,
+                tiles = _launched_tiles(current[0], config)
+                launches.append(dataclasses.replace(current[0], setting=setting, dtype=dtype_name, config=tiles,
                                                     strides=strides))  # fmt: skip
     missing = set(kernels_by_name) - {x.kernel for x in launches}
     if missing:
         raise RuntimeError(f"entry kernels no launch reaches (add them to _launches): {sorted(missing)}")
     return launches
+
+
+def _launched_tiles(launch: Launch, config: dict) -> dict:
+    """The configuration as launched: the launcher's own BLOCK_N, BLOCK and num_warps at the configuration's width
+    (the KD+CE launchers do not take `row_tiles`' tiles), and whether the row fits one tile."""
+    kw = launch.kwargs
+    tiles = {k: kw.get(k, config[k]) for k in ("BLOCK_N", "BLOCK", "num_warps")}
+    return {**config, **tiles, "single_tile": bool(kw.get("SINGLE_TILE", config["width"] <= tiles["BLOCK"]))}
 
 
 def _resources(cubin: bytes, cuobjdump: str) -> dict:
@@ -385,8 +396,9 @@ def markdown(runs: list[tuple[dict, list[dict]]], source: str) -> str:
         "",
         f"Written by `python -m tests.kernels.test_compile_sm90 --markdown {MARKDOWN}` from {source};",
         "`tests/kernels/test_compile_sm90.py` compiles the same launches in CI and fails on a compile error or on",
-        "local memory beyond `SPILL_BOUND_BYTES`. Every launch the launchers make at each tile configuration that",
-        "`kernels._tiles.row_tiles` can pick (`benchmarks.correctness.tile_configs`: one width per configuration),",
+        "local memory beyond `SPILL_BOUND_BYTES`. Every launch the launchers make at one width per power of two",
+        "(`benchmarks.correctness.tile_configs`: each tile configuration of `kernels._tiles.row_tiles`, which reach",
+        "every tile of `kd_ce_tiles` and `sparse_kd_tiles` too; each row shows the tiles the launcher picked there),",
         "in fp32, bf16 and fp16, went through Triton's own binder and `triton.compile(...,",
         "target=GPUTarget('cuda', 90, 32))` (sm_90a) without a GPU. Registers and local memory come from",
         "`cuobjdump -res-usage` on the cubin: REG is what `CompiledKernel.n_regs` reads on a GPU; spilled registers",
