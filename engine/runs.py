@@ -102,17 +102,20 @@ def _load_head(path, head, device, dtype):
 def student_checkpoint(student: str, source: str | Path, out: Path, arch: str, num_layers: int = 0,
                        layers: list[int] | None = None) -> Path:  # fmt: skip
     """The student's checkpoint folder: `student` when given, else one initialized from `source`'s layers into
-    `<out>/student_init` (once: a resumed run finds it there)."""
+    `<out>/student_init` (once: a resumed run finds it there). Making it leaves the global RNG as it was, so a run
+    that makes its student and one given that same student (`distill ablate` does that) train alike."""
     if student:
         return Path(student)
     from engine.student import init_student
 
     student_dir = out / "student_init"
+
+    def make() -> None:
+        with torch.random.fork_rng(devices=[]):  # the run's random stream is the same whether the student is made
+            init_student(source, student_dir, layers=layers or None, num_layers=num_layers or None, arch=arch)
+
     if not (student_dir / "config.json").is_file():
-        distributed.run_on_main(
-            lambda: init_student(source, student_dir, layers=layers or None, num_layers=num_layers or None, arch=arch),
-            share_result=False,
-        )
+        distributed.run_on_main(make, share_result=False)
     return student_dir
 
 

@@ -92,10 +92,12 @@ def test_short_run_learns_and_reports(teacher, corpus, tmp_path):
         assert mean(key, lines[-5:]) < factor * mean(key, lines[:5]), key
     evals = [json.loads(x)["eval"] for x in (out / "metrics.jsonl").read_text().splitlines() if '"eval"' in x]
     assert len(evals) == 2
-    # Held-out: the student's perplexity falls and it agrees more with its (random, tiny) teacher; the
-    # accuracy gain of a real teacher shows in the bundled default run (README).
+    # Held-out: the student's perplexity falls and its hidden states move toward its (random, tiny) teacher's. Not
+    # top-1 agreement: with a random teacher it swings either way with the seed (seeds 0-3, step 10 -> 30: 11.8% ->
+    # 0.7%, 56.2% -> 1.4%, 13.2% -> 41.0%, 11.8% -> 13.2%), while the hidden cosine rose on every seed (0.84-0.86 ->
+    # 0.87-0.90). The accuracy and agreement of a real teacher show in the bundled default run (README).
     assert report["student"]["perplexity"] < evals[0]["student"]["perplexity"]
-    assert report["top1_agreement"] > evals[0]["top1_agreement"]
+    assert report["hidden_cosine"] > evals[0]["hidden_cosine"]
     assert report["steps"] == 30 and report["teacher"]["parameters"] > report["student"]["parameters"]
     for name in ("report.json", "metrics.jsonl", "student/model.safetensors", "student/config.json", "checkpoint"):
         assert (out / name).exists(), name

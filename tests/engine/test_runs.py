@@ -535,3 +535,15 @@ def test_kill_9_at_random_points_then_resume_is_bit_identical(teacher, corpus, c
     assert [x["step"] for x in lines] == list(range(1, 9))  # no step twice, none missing
     assert lines == _untimed(_lines(reference))
     assert _leftovers(out) == []
+
+
+def test_making_the_student_leaves_the_random_stream_alone(tmp_path, minilm_dir):
+    """A run that makes its student from the teacher's layers and one given that same student draw the same dropout
+    and masks: making it (a model built with random init, then overwritten) consumes nothing of the global RNG."""
+    torch.manual_seed(1234)
+    expected = torch.rand(4)
+    torch.manual_seed(1234)
+    made = runs.student_checkpoint("", minilm_dir, tmp_path, "distilbert")
+    assert (made / "config.json").is_file()
+    torch.testing.assert_close(torch.rand(4), expected, rtol=0, atol=0)
+    assert runs.student_checkpoint(str(made), minilm_dir, tmp_path, "distilbert") == made
