@@ -35,17 +35,6 @@ def test_toml_file(tmp_path):
     assert obj.temperature == 3.0
 
 
-@pytest.mark.parametrize(
-    "content, match",
-    [({"nonsense": 1}, "unknown key 'nonsense'"), ({"objective": {"temprature": 1}}, "temprature")],
-)
-def test_unknown_keys_are_named(tmp_path, content, match):
-    cfg = tmp_path / "c.json"
-    cfg.write_text(json.dumps(content))
-    with pytest.raises(ValueError, match=match):
-        build_options(_parse(["--config", str(cfg)]), DataOptions, ObjectiveOptions)
-
-
 def test_missing_config_file(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
         build_options(_parse(["--config", str(tmp_path / "x.toml")]), DataOptions)
@@ -59,10 +48,13 @@ def test_missing_config_file(tmp_path):
         ({"max_seq_len": 2.5}, r"max_seq_len \(--max-seq-len\) must be a whole number, got 2.5"),
         ({"data": "corpus.txt", "fused_head": "yes"}, r"fused_head \(--fused-head\) must be true or false"),
         ({"data": [1, 2]}, r"data \(--data\) must be a string, got 1"),
+        ({"nonsense": 1}, "unknown key 'nonsense'"),
+        ({"objective": {"temprature": 1}}, "temprature"),
     ],
 )
 def test_config_values_are_checked_against_the_dataclasses(tmp_path, content, match):
-    """A config file's values get the types the flags would: no TypeError deep in a run, no 2.5 rounded to 2."""
+    """A config file's values get the types the flags would (no TypeError deep in a run, no 2.5 rounded to 2), and
+    an unknown key is named."""
     cfg = tmp_path / "c.json"
     cfg.write_text(json.dumps(content))
     with pytest.raises(ValueError, match=match):

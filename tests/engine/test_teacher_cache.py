@@ -25,15 +25,9 @@ from engine.model import build_model
 from engine.objectives import triple_loss
 from engine.options import MaskingOptions, ObjectiveOptions, OptimOptions, RunOptions
 from tests.engine import test_distributed as dist_tests
-from tests.engine.test_finetune import _keyword_rows, _squad, _tiny, _write_jsonl
+from tests.engine.test_finetune import _data, _keyword_rows, _squad, _tiny, _write_jsonl
 
 # ---- helpers and fixtures ------------------------------------------------------------------------------------------
-
-
-def _data(paths, **over) -> op.TaskDataOptions:
-    kw = dict(data=[str(p) for p in paths], max_seq_len=32, batch_size=8, doc_stride=16, max_query_len=16)
-    kw.update(over)
-    return op.TaskDataOptions(**kw)
 
 
 def _run(out: Path, **over) -> RunOptions:
